@@ -1,0 +1,1 @@
+"""Click commands; thin: parse arguments, call the library, print results."""

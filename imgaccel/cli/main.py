@@ -1,0 +1,341 @@
+"""``imgaccel`` command line: convert, inspect, ls, cat, check.
+
+Exit codes: 0 success, 1 a conversion/read/check failed (each failure named with its cause on
+stderr), 2 usage errors (bad flags, malformed references, invalid config).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import stat as statmod
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+from imgaccel.converter.image_converter import ConversionError, ConvertResult, ImageConverter
+from imgaccel.converter.image_converter import Progress as ConvertProgress
+from imgaccel.converter.options import DEFAULT_CACHE_REPO, ConvertOptions
+from imgaccel.formats import layer_index as li
+from imgaccel.formats import oci
+from imgaccel.pusher.client import RegistryClient
+from imgaccel.pusher.errors import RegistryError
+from imgaccel.pusher.reference import ImageRef, ReferenceError, parse_reference
+from imgaccel.snapshotter.accelerated_image import AcceleratedImage, ImageOpenError, open_image
+from imgaccel.snapshotter.check import compare, reference_tree
+from imgaccel.snapshotter.layer_reader import ChunkReadError
+from imgaccel.snapshotter.merged_view import PathError
+
+from .settings import load_settings
+
+T = TypeVar("T")
+err = Console(stderr=True)
+FAILURES = (ConversionError, RegistryError, ImageOpenError, ChunkReadError, PathError, OSError, ValueError)
+
+
+def _size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    if t and t[-1] in units:
+        return int(float(t[:-1]) * units[t[-1]])
+    return int(t)
+
+
+class SizeParam(click.ParamType):
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        try:
+            n = value if isinstance(value, int) else _size(value)
+        except ValueError:
+            self.fail(f"{value!r} is not a size (e.g. 4MiB, 512k)", param, ctx)
+        if n <= 0:
+            self.fail("must be positive", param, ctx)
+        return n
+
+
+def _ref(text: str) -> ImageRef:
+    try:
+        return parse_reference(text)
+    except ReferenceError as e:
+        raise click.UsageError(str(e)) from None
+
+
+def _client(ref: ImageRef, plain_http: bool, **kwargs: Any) -> RegistryClient:
+    try:
+        settings = load_settings()
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    reg = settings.registries.get(ref.registry)
+    plain = True if plain_http else (reg.plain_http if reg else None)
+    creds = reg.credentials() if reg else None
+    return RegistryClient(ref.registry, plain_http=plain, credentials=creds, **kwargs)
+
+
+def _run(coro: Awaitable[T]) -> T:
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def _fail(message: str) -> None:
+    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+
+
+@click.group()
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.version_option(package_name="imgaccel", message="%(version)s")
+def main(verbose: int) -> None:
+    """Convert container images into lazy-loading images, and read them lazily."""
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=max(level, logging.DEBUG), format="%(levelname)s %(name)s: %(message)s")
+
+
+plain_http_opt = click.option("--plain-http", is_flag=True, help="Speak HTTP, not HTTPS, to the registry.")
+platform_opt = click.option("--platform", help="os/arch[/variant] to read (default: this machine's).")
+
+
+@main.command()
+@click.argument("refs", nargs=-1)
+@click.option("--mode", type=click.Choice(["index", "full"]), default="index", show_default=True)
+@click.option("--from-file", type=click.File("r"), help="Read references, one per line, from a file ('-': stdin).")
+@click.option("--jobs", type=click.IntRange(1, 64), default=2, show_default=True, help="Images converted at once.")
+@click.option("--tag-suffix", help="Suffix of the target tag (default: _accelerated / _containerd_accelerated).")
+@click.option(
+    "--compression", type=click.Choice(["zstd", "lz4"]), default="zstd", show_default=True, help="Full mode codec."
+)
+@click.option("--level", type=int, help="Full mode compression level (zstd default 3).")
+@click.option("--chunk-size", type=SizeParam(), default="4MiB", show_default=True, help="Full mode: largest frame.")
+@click.option(
+    "--span", type=SizeParam(), default="4MiB", show_default=True, help="Index mode: distance between checkpoints."
+)
+@click.option("--fallback", type=click.Choice(["none", "full"]), default="none", show_default=True,
+              help="Index mode: store a full-mode copy of layers that cannot be indexed.")  # fmt: skip
+@click.option("--platform", "platforms", multiple=True, help="Convert only these platforms (repeatable).")
+@click.option(
+    "--cache-repo",
+    default=DEFAULT_CACHE_REPO,
+    show_default=True,
+    help="Registry repository recording converted layers.",
+)
+@click.option("--no-cache", is_flag=True, help="Do not look up or record converted layers.")
+@click.option("--workdir", type=click.Path(file_okay=False), help="Directory for temporary files.")
+@plain_http_opt
+def convert(refs: tuple[str, ...], mode: str, from_file: Any, jobs: int, tag_suffix: str | None, compression: str,
+            level: int | None, chunk_size: int, span: int, fallback: str, platforms: tuple[str, ...],
+            cache_repo: str, no_cache: bool, workdir: str | None, plain_http: bool) -> None:  # fmt: skip
+    """Convert images; prints 'SOURCE -> TARGET@DIGEST' per image."""
+    texts = list(refs)
+    if from_file:
+        texts += [ln.strip() for ln in from_file if ln.strip() and not ln.lstrip().startswith("#")]
+    if not texts:
+        raise click.UsageError("give at least one image reference (or --from-file)")
+    parsed = [_ref(t) for t in texts]
+    options = ConvertOptions(
+        mode=mode,  # type: ignore[arg-type]
+        compression=compression,  # type: ignore[arg-type]
+        tag_suffix=tag_suffix,
+        span=span,
+        chunk_size=chunk_size,
+        level=level,
+        fallback=fallback,  # type: ignore[arg-type]
+        platforms=platforms,
+        cache_repo=None if no_cache else cache_repo,
+        workdir=workdir,
+    )
+    ok = _run(_convert_all(parsed, options, jobs, plain_http))
+    sys.exit(0 if ok else 1)
+
+
+async def _convert_all(refs: list[ImageRef], options: ConvertOptions, jobs: int, plain_http: bool) -> bool:
+    slots = asyncio.Semaphore(jobs)
+    clients: dict[str, RegistryClient] = {}
+    all_ok = True
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+        console=err, transient=True, disable=not err.is_terminal,
+    ) as bars:  # fmt: skip
+
+        async def one(ref: ImageRef) -> None:
+            nonlocal all_ok
+            async with slots:
+                task = bars.add_task(str(ref), total=None)
+                progress = ConvertProgress(
+                    on_layer_start=lambda d, size: bars.update(task, total=(bars.tasks[task].total or 0) + size),
+                    on_bytes=lambda n: bars.advance(task, n),
+                )
+                client = clients[ref.registry]
+                try:
+                    result = await ImageConverter(client, options, progress).convert(ref)
+                except FAILURES as e:
+                    all_ok = False
+                    _fail(f"{ref}: {e}" if str(ref) not in str(e) else str(e))
+                    return
+                finally:
+                    bars.remove_task(task)
+                click.echo(f"{result.source} -> {result.target.registry}/{result.target.repository}:{result.target.tag}@{result.digest}"
+                           + _summary(result))  # fmt: skip
+
+        try:
+            for ref in refs:
+                if ref.registry not in clients:
+                    clients[ref.registry] = await _client(ref, plain_http).__aenter__()
+            await asyncio.gather(*(one(r) for r in refs))
+        finally:
+            for c in clients.values():
+                await c.close()
+    return all_ok
+
+
+def _summary(r: ConvertResult) -> str:
+    if r.up_to_date:
+        return "  (already converted: nothing to do)"
+    if r.layers_reused and not r.layers_converted:
+        return f"  (all {r.layers_reused} layers reused: no layer work)"
+    if r.layers_reused:
+        return f"  ({r.layers_converted} layers converted, {r.layers_reused} reused)"
+    return ""
+
+
+def _pct(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.2f}%" if whole else "n/a"
+
+
+def _with_image(ref_text: str, plain_http: bool, platform: str | None,
+                fn: Callable[[AcceleratedImage], Awaitable[int]]) -> None:  # fmt: skip
+    ref = _ref(ref_text)
+
+    async def go() -> int:
+        async with _client(ref, plain_http) as client:
+            image = await open_image(client, ref, platform)
+            return await fn(image)
+
+    try:
+        code = _run(go())
+    except FAILURES as e:
+        _fail(str(e))
+        sys.exit(1)
+    sys.exit(code)
+
+
+_TYPE_CHAR = {"dir": "d", "symlink": "l", "reg": "-", "hardlink": "-", "char": "c", "block": "b", "fifo": "p"}
+
+
+@main.command()
+@click.argument("ref")
+@click.argument("path", default="/")
+@click.option("-l", "long", is_flag=True, help="Long listing: mode, owner, size, name.")
+@plain_http_opt
+@platform_opt
+def ls(ref: str, path: str, long: bool, plain_http: bool, platform: str | None) -> None:
+    """List a directory of the image's merged filesystem."""
+
+    async def go(image: AcceleratedImage) -> int:
+        _, node = image.view.lookup(path, True)
+        names = image.listdir(path) if node.entry.type == "dir" else [path.rstrip("/").rsplit("/", 1)[-1]]
+        children = node.children if node.entry.type == "dir" else {names[0]: node}
+        for name in names:
+            e = children[name].entry
+            if not long:
+                click.echo(name + ("/" if e.type == "dir" else ""))
+                continue
+            size = image.view.data_entry(children[name]).size if e.type in ("reg", "hardlink") else 0
+            mode = _TYPE_CHAR[e.type] + statmod.filemode(e.mode)[1:]
+            link = f" -> {e.linkname}" if e.type == "symlink" else ""
+            click.echo(f"{mode} {e.uid:>5} {e.gid:>5} {size:>12} {name}{link}")
+        return 0
+
+    _with_image(ref, plain_http, platform, go)
+
+
+@main.command()
+@click.argument("ref")
+@click.argument("path")
+@plain_http_opt
+@platform_opt
+def cat(ref: str, path: str, plain_http: bool, platform: str | None) -> None:
+    """Write a file of the image to stdout (symlinks followed inside the image)."""
+
+    async def go(image: AcceleratedImage) -> int:
+        out = sys.stdout.buffer
+        async for block in image.iter_file(path):
+            out.write(block)
+        out.flush()
+        return 0
+
+    _with_image(ref, plain_http, platform, go)
+
+
+@main.command()
+@click.argument("ref")
+@plain_http_opt
+@platform_opt
+def check(ref: str, plain_http: bool, platform: str | None) -> None:
+    """Read every entry lazily and compare with a full extraction of the source image."""
+
+    async def go(image: AcceleratedImage) -> int:
+        if not image.source_digest:
+            raise ImageOpenError(f"{image.ref}: no source manifest recorded")
+        async with _client(image.ref, plain_http) as client:
+            expected = await reference_tree(client, image.ref, image.source_digest)
+        problems = await compare(image, expected)
+        for p in problems:
+            click.echo(p)
+        n = len(image.view.walk())
+        if problems:
+            _fail(f"{image.ref}: {len(problems)} difference(s) in {n} entries")
+            return 1
+        click.echo(f"ok: {n} entries identical to {image.source_digest} ({image.mode} mode, "
+                   f"{image.bytes_fetched()} bytes fetched lazily)")  # fmt: skip
+        return 0
+
+    _with_image(ref, plain_http, platform, go)
+
+
+@main.command()
+@click.argument("ref")
+@plain_http_opt
+@platform_opt
+def inspect(ref: str, plain_http: bool, platform: str | None) -> None:
+    """Show an accelerated image's layers, formats, index sizes and ratios."""
+
+    async def go(image: AcceleratedImage) -> int:
+        source_layers: list[oci.Descriptor] = []
+        if image.source_digest:
+            async with _client(image.ref, plain_http) as client:
+                src = await client.get_manifest(image.ref.repository, image.source_digest)
+            source_layers = oci.ImageManifest.model_validate_json(src.data).layers
+        click.echo(f"image:    {image.ref}")
+        click.echo(f"mode:     {image.mode} (imgaccel format v{li.FORMAT_VERSION})")
+        click.echo(f"manifest: {image.manifest_digest}")
+        click.echo(f"source:   {image.source_digest}")
+        src_total = out_total = 0
+        for i, layer in enumerate(image.layers):
+            s = source_layers[i] if i < len(source_layers) else None
+            src_size = s.size if s else 0
+            idx = layer.index
+            click.echo(
+                f"layer {i}: {s.digest if s else '?'} ({s.mediaType.rsplit('.', 1)[-1] if s else '?'}, {src_size} bytes)"
+            )
+            click.echo(f"  read as {idx.encoding}: {len(idx.chunks)} chunks, {len(idx.entries)} entries, "
+                       f"{idx.uncompressed_size} bytes uncompressed")  # fmt: skip
+            if image.mode == "index" and layer.blob_digest == (s.digest if s else None):
+                out = layer.index_size
+                click.echo(f"  index: {out} bytes = {_pct(out, src_size)} of the layer")
+            else:
+                out = layer.blob_size
+                click.echo(f"  converted: {layer.blob_digest} {out} bytes = {_pct(out, src_size)} of the source layer"
+                           f" (TOC {layer.index_size} bytes)")  # fmt: skip
+            src_total += src_size
+            out_total += out
+        label = "index" if image.mode == "index" else "converted"
+        click.echo(f"total: source {src_total} bytes, {label} {out_total} bytes ({_pct(out_total, src_total)})")
+        return 0
+
+    _with_image(ref, plain_http, platform, go)
+
+
+if __name__ == "__main__":
+    main()

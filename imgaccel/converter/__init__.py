@@ -1,0 +1,1 @@
+"""The conversion pipeline: resolve an image, convert each layer, push the new manifest last."""

@@ -1,0 +1,355 @@
+"""Convert one image reference into its accelerated twin.
+
+Order of work, so that an interrupted conversion never leaves a tag on an incomplete image:
+resolve and validate everything (manifests, configs, layer media types) -> per layer: reuse
+a recorded conversion or download (digest-checked), convert, upload (size re-checked) ->
+push new manifests by digest -> push the tagged manifest or index last.
+
+Index-only: ``<tag>_accelerated`` is an OCI index holding each untouched source manifest plus,
+per platform, an artifact manifest (platform ``unknown/unknown``, ``subject`` = the source
+manifest) whose layers are the index blobs; the artifact is also registered as a referrer of
+the source manifest. Full: a new image manifest with tar+zstd (or lz4) layers and the source
+config, or an index of them for multi-platform sources.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from imgaccel.converter.layer_cache import LayerCache, empty_config
+from imgaccel.converter.options import ConvertOptions, Mode
+from imgaccel.formats import layer_index as li
+from imgaccel.formats import oci
+from imgaccel.indexer.blob_format import check_encoding, declared_encoding
+from imgaccel.indexer.errors import LayerError, NotSeekableError
+from imgaccel.indexer.full_encoder import encode_full_layer
+from imgaccel.indexer.seekable_index import build_seekable_index
+from imgaccel.pusher.client import Manifest, RegistryClient
+from imgaccel.pusher.errors import RegistryError
+from imgaccel.pusher.reference import ImageRef
+
+log = logging.getLogger(__name__)
+
+
+class ConversionError(Exception):
+    """One image could not be converted; the message names the object and the cause."""
+
+
+@dataclass
+class Progress:
+    """Callbacks the CLI and the service use to show progress (all optional)."""
+
+    on_layer_start: Callable[[str, int], None] = lambda digest, size: None
+    on_bytes: Callable[[int], None] = lambda n: None
+    on_layer_done: Callable[[str, bool], None] = lambda digest, reused: None
+
+
+@dataclass
+class ConvertResult:
+    source: ImageRef
+    target: ImageRef
+    digest: str  # of the pushed top-level manifest or index
+    layers_converted: int = 0
+    layers_reused: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    up_to_date: bool = False
+
+
+@dataclass
+class _PlatformImage:
+    manifest: Manifest
+    parsed: oci.ImageManifest
+    platform: oci.Platform
+    config: oci.ImageConfig
+
+
+def platform_matches(p: oci.Platform, wanted: tuple[str, ...]) -> bool:
+    if not wanted:
+        return True
+    label = p.label()
+    return any(label == w or f"{p.os}/{p.architecture}" == w for w in wanted)
+
+
+class ImageConverter:
+    def __init__(self, client: RegistryClient, options: ConvertOptions, progress: Progress | None = None) -> None:
+        self.client = client
+        self.options = options
+        self.progress = progress or Progress()
+        self.cache = LayerCache(client, options.cache_repo)
+        self._layer_slots = asyncio.Semaphore(max(options.layer_jobs, 1))
+        self._cpu_slot = asyncio.Semaphore(1)  # CPU work already uses every core
+
+    # -- resolution -----------------------------------------------------------------------
+
+    async def _load_platform(self, repo: str, desc: oci.Descriptor | None, manifest: Manifest) -> _PlatformImage:
+        what = f"{self.client.registry}/{repo}@{manifest.digest}"
+        if manifest.media_type not in oci.MANIFEST_TYPES:
+            raise ConversionError(f"{what}: unsupported manifest media type {manifest.media_type!r}")
+        try:
+            parsed = oci.ImageManifest.model_validate_json(manifest.data)
+        except ValueError as e:
+            raise ConversionError(
+                f"{what}: malformed manifest: {e.errors()[0]['msg'] if hasattr(e, 'errors') else e}"
+            ) from e
+        if parsed.config.mediaType not in oci.IMAGE_CONFIG_TYPES:
+            kind = parsed.artifactType or parsed.config.mediaType
+            raise ConversionError(f"{what}: not a container image (config media type {kind})")
+        if parsed.annotations and li.ANN_MODE in parsed.annotations:
+            raise ConversionError(f"{what}: already an imgaccel {parsed.annotations[li.ANN_MODE]} image")
+        for layer in parsed.layers:
+            try:
+                declared_encoding(layer.mediaType)
+            except LayerError as e:
+                raise ConversionError(f"{what}: layer {layer.digest}: {e}") from None
+        cfg_bytes = await self.client.read_blob(repo, parsed.config.digest)
+        try:
+            config = oci.ImageConfig.model_validate_json(cfg_bytes)
+        except ValueError:
+            raise ConversionError(f"{what}: config {parsed.config.digest} is not an image config") from None
+        if len(config.rootfs.diff_ids) != len(parsed.layers):
+            raise ConversionError(
+                f"{what}: config lists {len(config.rootfs.diff_ids)} diff_ids for {len(parsed.layers)} layers"
+            )
+        platform = (
+            desc.platform
+            if desc and desc.platform
+            else oci.Platform(architecture=config.architecture or "unknown", os=config.os or "unknown")
+        )
+        return _PlatformImage(manifest, parsed, platform, config)
+
+    async def resolve(self, ref: ImageRef) -> tuple[Manifest, list[_PlatformImage]]:
+        top = await self.client.get_manifest(ref.repository, ref.reference)
+        if top.media_type in oci.INDEX_TYPES:
+            index = oci.ImageIndex.model_validate_json(top.data)
+            images = []
+            for desc in index.manifests:
+                if desc.platform is None or desc.platform.os == "unknown":
+                    continue  # attestations and other non-runnable entries
+                if not platform_matches(desc.platform, self.options.platforms):
+                    continue
+                m = await self.client.get_manifest(ref.repository, desc.digest)
+                images.append(await self._load_platform(ref.repository, desc, m))
+            if not images:
+                raise ConversionError(f"{ref}: no platform manifest matches {list(self.options.platforms) or 'any'}")
+            return top, images
+        image = await self._load_platform(ref.repository, None, top)
+        if not platform_matches(image.platform, self.options.platforms):
+            raise ConversionError(
+                f"{ref}: platform {image.platform.label()} does not match {list(self.options.platforms)}"
+            )
+        return top, [image]
+
+    # -- per layer ------------------------------------------------------------------------
+
+    async def _convert_layer(
+        self, repo: str, layer: oci.Descriptor, mode: Mode, result: ConvertResult
+    ) -> oci.Descriptor:
+        key = self.options.layer_key(mode)
+        cached = await self.cache.lookup(key, layer.digest, repo)
+        if cached is not None:
+            result.layers_reused += 1
+            self.progress.on_layer_done(layer.digest, True)
+            return cached
+        async with self._layer_slots:
+            self.progress.on_layer_start(layer.digest, layer.size)
+            with tempfile.TemporaryDirectory(prefix="imgaccel-", dir=self.options.workdir) as tmp:
+                src = os.path.join(tmp, "layer")
+                await self.client.download_blob(repo, layer.digest, src, layer.size, self.progress.on_bytes)
+                result.bytes_in += layer.size
+                async with self._cpu_slot:
+                    desc, upload = await asyncio.to_thread(self._convert_file, src, tmp, layer, mode)
+                await self.client.upload_blob(repo, desc.digest, upload)
+                result.bytes_out += desc.size
+        await self.cache.store(key, layer.digest, repo, desc)
+        result.layers_converted += 1
+        self.progress.on_layer_done(layer.digest, False)
+        return desc
+
+    def _convert_file(self, src: str, tmp: str, layer: oci.Descriptor, mode: Mode) -> tuple[oci.Descriptor, str]:
+        what = f"layer {layer.digest}"
+        try:
+            with open(src, "rb") as f:
+                encoding = check_encoding(f, layer.mediaType)
+            if mode == "index":
+                try:
+                    built = build_seekable_index(src, encoding, layer.digest, self.options.span)
+                except NotSeekableError:
+                    if self.options.fallback != "full":
+                        raise
+                    log.info("%s is not seekable; storing a full-mode copy for lazy reads", what)
+                    return self._encode_full(src, tmp, layer, encoding)
+                data = li.encode_index_blob(built.index, built.windows)
+                out = os.path.join(tmp, "index")
+                with open(out, "wb") as f:
+                    f.write(data)
+                desc = oci.Descriptor(
+                    mediaType=li.INDEX_BLOB_MEDIA_TYPE,
+                    digest=oci.sha256_digest(data),
+                    size=len(data),
+                    annotations={li.ANN_LAYER_DIGEST: layer.digest},
+                )
+                return desc, out
+            return self._encode_full(src, tmp, layer, encoding)
+        except LayerError as e:
+            raise ConversionError(f"{self.client.registry}: {what}: {e}") from e
+
+    def _encode_full(
+        self, src: str, tmp: str, layer: oci.Descriptor, encoding: li.Encoding
+    ) -> tuple[oci.Descriptor, str]:
+        out = os.path.join(tmp, "full")
+        enc = encode_full_layer(
+            src, encoding, out, self.options.compression, self.options.chunk_size, self.options.level
+        )
+        media_type = oci.LAYER_ZSTD if self.options.compression == "zstd" else li.LAYER_LZ4
+        desc = oci.Descriptor(
+            mediaType=media_type,
+            digest=enc.digest,
+            size=enc.size,
+            annotations={
+                li.ANN_LAYER_DIGEST: layer.digest,
+                li.ANN_TOC_OFFSET: str(enc.toc_offset),
+                li.ANN_TOC_SIZE: str(enc.toc_size),
+                li.ANN_TOC_DIGEST: enc.toc_digest,
+                li.ANN_UNCOMPRESSED_SIZE: str(enc.index.uncompressed_size),
+            },
+        )
+        return desc, out
+
+    # -- per platform ---------------------------------------------------------------------
+
+    def _annotations(self, source_digest: str, ref: ImageRef) -> dict[str, str]:
+        return {
+            li.ANN_SOURCE_DIGEST: source_digest,
+            li.ANN_SOURCE_REF: str(ref),
+            li.ANN_MODE: self.options.mode,
+            li.ANN_FORMAT_VERSION: str(li.FORMAT_VERSION),
+        }
+
+    async def _layers(
+        self, repo: str, image: _PlatformImage, mode: Mode, result: ConvertResult
+    ) -> list[oci.Descriptor]:
+        tasks = [self._convert_layer(repo, layer, mode, result) for layer in image.parsed.layers]
+        return list(await asyncio.gather(*tasks))
+
+    async def _index_artifact(self, ref: ImageRef, image: _PlatformImage, result: ConvertResult) -> oci.Descriptor:
+        repo = ref.repository
+        blobs = await self._layers(repo, image, "index", result)
+        await self.client.upload_blob(repo, empty_config().digest, oci.EMPTY_JSON)
+        subject = oci.Descriptor(
+            mediaType=image.manifest.media_type, digest=image.manifest.digest, size=len(image.manifest.data)
+        )
+        annotations = self._annotations(image.manifest.digest, ref)
+        body = {
+            "schemaVersion": 2,
+            "mediaType": oci.OCI_MANIFEST,
+            "artifactType": li.INDEX_ARTIFACT_TYPE,
+            "config": empty_config().wire(),
+            "layers": [b.wire() for b in blobs],
+            "subject": subject.wire(),
+            "annotations": annotations,
+        }
+        data = oci.canonical_json(body)
+        digest = await self.client.put_manifest(repo, oci.sha256_digest(data), data, oci.OCI_MANIFEST)
+        desc = oci.Descriptor(
+            mediaType=oci.OCI_MANIFEST,
+            digest=digest,
+            size=len(data),
+            artifactType=li.INDEX_ARTIFACT_TYPE,
+            annotations=annotations,
+        )
+        await self.client.add_referrer(repo, image.manifest.digest, desc)
+        return desc
+
+    async def _full_manifest(self, ref: ImageRef, image: _PlatformImage, result: ConvertResult) -> oci.Descriptor:
+        repo = ref.repository
+        layers = await self._layers(repo, image, "full", result)
+        config = image.parsed.config.model_copy()
+        if config.mediaType == oci.DOCKER_CONFIG:
+            config.mediaType = oci.OCI_CONFIG  # same bytes, OCI media type to sit in an OCI manifest
+        body = {
+            "schemaVersion": 2,
+            "mediaType": oci.OCI_MANIFEST,
+            "config": config.wire(),
+            "layers": [d.wire() for d in layers],
+            "annotations": self._annotations(image.manifest.digest, ref),
+        }
+        data = oci.canonical_json(body)
+        digest = await self.client.put_manifest(repo, oci.sha256_digest(data), data, oci.OCI_MANIFEST)
+        return oci.Descriptor(mediaType=oci.OCI_MANIFEST, digest=digest, size=len(data), platform=image.platform)
+
+    # -- the whole image ------------------------------------------------------------------
+
+    async def convert(self, ref: ImageRef) -> ConvertResult:
+        try:
+            return await self._convert(ref)
+        except RegistryError as e:
+            raise ConversionError(str(e)) from e
+
+    async def _convert(self, ref: ImageRef) -> ConvertResult:
+        if ref.tag and ref.tag.endswith(self.options.suffix):
+            raise ConversionError(f"{ref}: already carries the suffix {self.options.suffix!r}")
+        top, images = await self.resolve(ref)
+        target_tag = (ref.tag or top.digest.split(":")[1][:12]) + self.options.suffix
+        target = ref.with_tag(target_tag)
+        result = ConvertResult(source=ref, target=target, digest="")
+        existing = await self._existing(target, top.digest)
+        if existing:
+            result.digest, result.up_to_date = existing, True
+            return result
+
+        annotations = self._annotations(top.digest, ref)
+        if self.options.mode == "index":
+            entries: list[oci.Descriptor] = []
+            for image in images:
+                artifact = await self._index_artifact(ref, image, result)
+                entries.append(
+                    oci.Descriptor(
+                        mediaType=image.manifest.media_type,
+                        digest=image.manifest.digest,
+                        size=len(image.manifest.data),
+                        platform=image.platform,
+                    )
+                )
+                artifact.platform = oci.Platform(architecture="unknown", os="unknown")
+                entries.append(artifact)
+            body = {
+                "schemaVersion": 2,
+                "mediaType": oci.OCI_INDEX,
+                "manifests": [e.wire() for e in entries],
+                "annotations": annotations,
+            }
+            data, media_type = oci.canonical_json(body), oci.OCI_INDEX
+        else:
+            manifests = [await self._full_manifest(ref, image, result) for image in images]
+            if top.media_type in oci.INDEX_TYPES:
+                body = {
+                    "schemaVersion": 2,
+                    "mediaType": oci.OCI_INDEX,
+                    "manifests": [m.wire() for m in manifests],
+                    "annotations": annotations,
+                }
+                data, media_type = oci.canonical_json(body), oci.OCI_INDEX
+            else:
+                got = await self.client.get_manifest(ref.repository, manifests[0].digest)
+                data, media_type = got.data, oci.OCI_MANIFEST
+        result.digest = await self.client.put_manifest(ref.repository, target_tag, data, media_type)
+        return result
+
+    async def _existing(self, target: ImageRef, source_digest: str) -> str | None:
+        """Digest of an up-to-date accelerated twin already at the target tag."""
+        if await self.client.manifest_exists(target.repository, target.reference) is None:
+            return None
+        m = await self.client.get_manifest(target.repository, target.reference)
+        ann = m.json().get("annotations") or {}
+        same = (
+            ann.get(li.ANN_SOURCE_DIGEST) == source_digest
+            and ann.get(li.ANN_MODE) == self.options.mode
+            and ann.get(li.ANN_FORMAT_VERSION) == str(li.FORMAT_VERSION)
+        )
+        return m.digest if same else None

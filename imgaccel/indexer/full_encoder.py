@@ -1,0 +1,183 @@
+"""Full mode: re-encode a layer as independent zstd (or lz4) frames cut on tar entry boundaries.
+
+Frames start at an entry's first header block, or every ``chunk_size`` bytes inside a large
+file's data, and hold whole entries up to about ``chunk_size`` bytes. Decompressing every frame
+in order yields the original tar byte for byte. The TOC and seek table follow the data frames
+(``formats.toc``). Compression runs on a thread pool (both codecs release the GIL); memory is
+bounded by ``MAX_IN_FLIGHT`` frames.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import BinaryIO, Literal
+
+import lz4.frame
+import zstandard
+
+from imgaccel.formats import toc
+from imgaccel.formats.layer_index import Chunk, Encoding, Entry, LayerIndex, encode_index_json
+from imgaccel.indexer.tar_walker import DigestSink, walk_tar
+from imgaccel.indexer.uncompressed_stream import open_uncompressed
+
+Compression = Literal["zstd", "lz4"]
+MAX_IN_FLIGHT = 6
+
+
+@dataclass
+class FullLayer:
+    index: LayerIndex
+    digest: str  # of the new blob
+    size: int
+    toc_offset: int
+    toc_size: int
+    toc_digest: str
+
+
+class _FrameWriter:
+    """Compresses frames on a pool and appends them to ``out`` in order."""
+
+    def __init__(self, out: BinaryIO, compression: Compression, level: int, threads: int) -> None:
+        self._out = out
+        self._compression = compression
+        self._level = level
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="imgaccel-compress")
+        self._local = threading.local()
+        self._pending: deque[tuple[int, int, Future[tuple[bytes, str]]]] = deque()
+        self._hash = hashlib.sha256()
+        self.offset = 0
+        self.chunks: list[Chunk] = []
+
+    def _compress(self, data: bytes) -> tuple[bytes, str]:
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        if self._compression == "zstd":
+            cctx = getattr(self._local, "cctx", None)
+            if cctx is None:
+                cctx = self._local.cctx = zstandard.ZstdCompressor(level=self._level, write_content_size=True)
+            return cctx.compress(data), digest
+        return lz4.frame.compress(data, compression_level=self._level, store_size=True), digest
+
+    def submit(self, u_offset: int, data: bytes) -> None:
+        self._pending.append((u_offset, len(data), self._pool.submit(self._compress, data)))
+        while len(self._pending) >= MAX_IN_FLIGHT:
+            self._drain_one()
+
+    def _drain_one(self) -> None:
+        u_offset, u_size, fut = self._pending.popleft()
+        frame, digest = fut.result()
+        self.write_raw(frame)
+        self.chunks.append(
+            Chunk(c_offset=self.offset - len(frame), c_size=len(frame), u_offset=u_offset, u_size=u_size, digest=digest)
+        )
+
+    def write_raw(self, data: bytes) -> None:
+        self._out.write(data)
+        self._hash.update(data)
+        self.offset += len(data)
+
+    def flush(self) -> None:
+        while self._pending:
+            self._drain_one()
+        self._pool.shutdown()
+
+    def digest(self) -> str:
+        return "sha256:" + self._hash.hexdigest()
+
+
+class _FrameCutter(DigestSink):
+    """Collects the stream and cuts it into frames at allowed cut points."""
+
+    def __init__(self, writer: _FrameWriter, chunk_size: int) -> None:
+        super().__init__()
+        self._writer = writer
+        self._chunk = chunk_size
+        self._buf = bytearray()
+        self._start = 0  # stream offset of _buf[0] == start of the open frame
+        self._last_cut = 0  # latest allowed cut point at or before the received data
+        self._cuts: deque[int] = deque()  # announced cut points not yet reached
+
+    def write(self, data: bytes, offset: int) -> None:
+        super().write(data, offset)
+        self._buf += data
+        self._advance()
+
+    def entry(self, entry: Entry, header_offset: int) -> None:
+        super().entry(entry, header_offset)
+        self._cuts.append(header_offset)
+        if entry.type == "reg" and entry.size > self._chunk:
+            self._cuts.extend(range(entry.offset + self._chunk, entry.offset + entry.size, self._chunk))
+        self._advance()
+
+    def _advance(self) -> None:
+        end = self._start + len(self._buf)
+        while self._cuts and self._cuts[0] <= end:
+            c = self._cuts.popleft()
+            if c - self._start > self._chunk and self._last_cut > self._start:
+                self._emit(self._last_cut)
+            self._last_cut = c
+
+    def _emit(self, upto: int) -> None:
+        n = upto - self._start
+        if n <= 0:
+            return
+        self._writer.submit(self._start, bytes(self._buf[:n]))
+        del self._buf[:n]
+        self._start = upto
+
+    def finish(self, total: int) -> None:
+        self._cuts.append(total)
+        self._advance()
+        self._emit(total)
+
+
+def encode_full_layer(
+    src_path: str,
+    src_encoding: Encoding,
+    out_path: str,
+    compression: Compression = "zstd",
+    chunk_size: int = 4 << 20,
+    level: int | None = None,
+    threads: int | None = None,
+) -> FullLayer:
+    """Re-encode the blob at ``src_path`` into ``out_path``; returns its index and TOC location."""
+    threads = threads or os.cpu_count() or 1
+    if level is None:
+        level = 3 if compression == "zstd" else 0
+    with open(out_path, "wb") as out:
+        writer = _FrameWriter(out, compression, level, threads)
+        cutter = _FrameCutter(writer, chunk_size)
+        stream = open_uncompressed(src_path, src_encoding)
+        try:
+            total = walk_tar(stream, cutter)
+            cutter.finish(total)
+        finally:
+            stream.close()
+            writer.flush()
+        data_end = writer.offset
+        index = LayerIndex(
+            encoding=compression,
+            blob_digest="",  # a blob cannot hold its own digest: readers take it from the descriptor
+            blob_size=data_end,
+            diff_id=cutter.diff_id(),
+            uncompressed_size=total,
+            chunks=writer.chunks,
+            entries=cutter.entries,
+        )
+        toc_frame = toc.skippable_frame(toc.TOC_MAGIC, encode_index_json(index))
+        writer.write_raw(toc_frame)
+        if compression == "zstd":
+            sizes = [(c.c_size, c.u_size) for c in writer.chunks] + [(len(toc_frame), 0)]
+            writer.write_raw(toc.seek_table(sizes))
+    return FullLayer(
+        index=index,
+        digest=writer.digest(),
+        size=writer.offset,
+        toc_offset=data_end,
+        toc_size=len(toc_frame),
+        toc_digest="sha256:" + hashlib.sha256(toc_frame).hexdigest(),
+    )

@@ -1,0 +1,131 @@
+"""Sequential readers that turn a local layer blob into its uncompressed tar stream.
+
+gzip goes through rapidgzip (parallel inflate on both cores); it also reports the deflate
+block boundaries it decoded, which are the checkpoints of index-only mode.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from typing import BinaryIO, Protocol
+
+import lz4.frame
+import rapidgzip
+import zstandard
+
+from imgaccel.formats.layer_index import Encoding
+from imgaccel.indexer.errors import LayerError
+
+
+class UncompressedStream(Protocol):
+    def read(self, n: int) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class GzipCheckpoint:
+    """A deflate block boundary: bit position ``c_offset * 8 - bits`` <-> ``u_offset``."""
+
+    c_offset: int
+    u_offset: int
+    bits: int
+    window: bytes  # 32 KiB before u_offset (unused bytes zeroed), b"" at a member start
+
+
+class GzipStream:
+    """Parallel gzip inflate of a local file, exposing its checkpoints."""
+
+    def __init__(self, path: str, span: int, threads: int | None = None) -> None:
+        self._path = path
+        self._file = rapidgzip._RapidgzipFile(
+            path, parallelization=threads or min(os.cpu_count() or 1, 4), chunk_size=span
+        )
+
+    def read(self, n: int) -> bytes:
+        buf = bytearray(n)
+        try:
+            got = self._file.readinto(buf)
+        except Exception as e:  # rapidgzip raises plain exceptions for bad data
+            raise LayerError(f"corrupt or truncated gzip: {e}") from e
+        return bytes(memoryview(buf)[:got])
+
+    def known_boundaries(self) -> list[int]:
+        """Uncompressed offsets of the checkpoints decoded so far, ascending."""
+        return sorted(self._file.available_block_offsets().values())
+
+    def checkpoints(self) -> list[GzipCheckpoint]:
+        """All checkpoints, with windows; call after reading the stream to its end."""
+        with tempfile.NamedTemporaryFile(prefix="imgaccel-gzidx-") as tmp:
+            self._file.export_index(tmp.name, rapidgzip.IndexFormat.INDEXED_GZIP)
+            return parse_gzidx(open(tmp.name, "rb").read())
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def parse_gzidx(data: bytes) -> list[GzipCheckpoint]:
+    """Parse indexed_gzip's GZIDX v1 export (as rapidgzip writes it)."""
+    if data[:5] != b"GZIDX" or data[5] not in (0, 1):
+        raise LayerError("gzip index export has an unknown format")
+    _cs, _us, _spacing, wsize, npoints = struct.unpack_from("<QQIII", data, 7)
+    off = 7 + 28
+    raw = []
+    for _ in range(npoints):
+        raw.append(struct.unpack_from("<QQBB", data, off))
+        off += 18
+    points = []
+    for c, u, bits, has_window in raw:
+        window = b""
+        if has_window:
+            window = data[off : off + wsize]
+            off += wsize
+        points.append(GzipCheckpoint(c, u, bits, window))
+    return points
+
+
+class _FrameReader:
+    """zstd or lz4 frames decoded back to back (skippable frames ignored)."""
+
+    def __init__(self, f: BinaryIO, encoding: Encoding) -> None:
+        self._raw: io.RawIOBase | BinaryIO
+        if encoding == "zstd":
+            self._raw = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
+        else:
+            self._raw = lz4.frame.LZ4FrameFile(f, "rb")
+        self._f = f
+
+    def read(self, n: int) -> bytes:
+        try:
+            return self._raw.read(n)
+        except (zstandard.ZstdError, RuntimeError, EOFError, OSError) as e:
+            raise LayerError(f"corrupt or truncated compressed stream: {e}") from e
+
+    def close(self) -> None:
+        self._raw.close()
+        self._f.close()
+
+
+class _PlainReader:
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+
+    def read(self, n: int) -> bytes:
+        return self._f.read(n)
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def open_uncompressed(path: str, encoding: Encoding, span: int = 4 << 20) -> UncompressedStream:
+    """A sequential reader of the uncompressed tar inside the blob at ``path``."""
+    if encoding == "gzip":
+        return GzipStream(path, span)
+    f = open(path, "rb")
+    if encoding in ("zstd", "lz4"):
+        return _FrameReader(f, encoding)
+    return _PlainReader(f)

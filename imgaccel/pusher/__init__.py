@@ -1,0 +1,1 @@
+"""The registry client: OCI distribution API over aiohttp (auth, blobs, ranges, manifests)."""

@@ -1,0 +1,511 @@
+"""``RegistryClient``: the OCI distribution API over one aiohttp session.
+
+Everything imgaccel says to a registry goes through here: manifests (exact bytes in and out,
+digests checked), blobs (streamed to disk with the digest checked, resumed with Range after a
+dropped connection), Range reads for lazy readers, uploads streamed from files, cross-repository
+mounts, tags, and OCI 1.1 referrers with the tag-schema fallback. 429 (``Retry-After``
+honoured), 5xx and dropped connections are retried with exponential backoff and jitter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlencode, urljoin
+
+import aiohttp
+
+from imgaccel.formats import oci
+from imgaccel.pusher.auth import Challenge, Credentials, load_docker_credentials, parse_challenge
+from imgaccel.pusher.errors import AuthError, DigestMismatchError, NotFoundError, RegistryError
+from imgaccel.pusher.reference import ImageRef, is_loopback
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+_RETRY_EXCEPTIONS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError)
+MAX_MANIFEST_SIZE = 4 << 20
+ProgressFn = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 6
+    base_delay: float = 0.25
+    max_delay: float = 30.0
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        if retry_after is not None:
+            return min(retry_after, self.max_delay)
+        backoff = min(self.base_delay * (2**attempt), self.max_delay)
+        return backoff / 2 + random.uniform(0, backoff / 2)
+
+
+@dataclass
+class Manifest:
+    """A manifest or index exactly as the registry stored it."""
+
+    data: bytes
+    media_type: str
+    digest: str
+
+    def json(self) -> dict[str, Any]:
+        value = json.loads(self.data)
+        if not isinstance(value, dict):
+            raise ValueError("manifest is not a JSON object")
+        return value
+
+
+@dataclass
+class _TokenCache:
+    tokens: dict[str, str] = field(default_factory=dict)  # scope -> Authorization header
+
+
+def _retry_after(resp: aiohttp.ClientResponse) -> float | None:
+    value = resp.headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value)
+        return max(parsed.timestamp() - time.time(), 0.0) if parsed else None
+
+
+class RegistryClient:
+    """One registry. Use as ``async with RegistryClient("127.0.0.1:5000") as reg: ...``."""
+
+    def __init__(
+        self,
+        registry: str,
+        *,
+        plain_http: bool | None = None,
+        credentials: Credentials | None = None,
+        retry: RetryPolicy | None = None,
+        max_connections: int = 8,
+        timeout: float = 300.0,
+    ) -> None:
+        self.registry = registry
+        if plain_http is None:
+            plain_http = is_loopback(registry)
+        self.base_url = f"{'http' if plain_http else 'https'}://{registry}"
+        self.credentials = credentials if credentials is not None else load_docker_credentials(registry)
+        self.retry = retry or RetryPolicy()
+        self._connections = max_connections
+        self._timeout = timeout
+        self._session: aiohttp.ClientSession | None = None
+        self._auth = _TokenCache()
+        self.range_unsupported = False  # set when the registry answered 200 to a Range GET
+
+    async def __aenter__(self) -> RegistryClient:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self._connections),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=self._timeout),
+            auto_decompress=False,
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("RegistryClient used outside 'async with'")
+        return self._session
+
+    # -- requests, auth and retries -------------------------------------------------------
+
+    def _url(self, path_or_url: str) -> str:
+        return urljoin(self.base_url + "/", path_or_url)
+
+    async def _authorize(self, challenge: Challenge, scope: str) -> str:
+        if challenge.scheme == "basic":
+            if not self.credentials:
+                raise AuthError(f"{self.registry}: authentication required and no credentials configured", 401)
+            return self.credentials.basic_header()
+        if challenge.scheme != "bearer" or "realm" not in challenge.params:
+            raise AuthError(f"{self.registry}: unsupported authentication challenge {challenge.scheme!r}", 401)
+        query = {"service": challenge.params.get("service", "")}
+        query["scope"] = challenge.params.get("scope") or scope
+        headers = {"Authorization": self.credentials.basic_header()} if self.credentials else {}
+        url = challenge.params["realm"] + "?" + urlencode(query)
+        async with self.session.get(url, headers=headers) as resp:
+            if resp.status in (401, 403):
+                raise AuthError(f"{self.registry}: token service refused the credentials ({resp.status})", resp.status)
+            if resp.status != 200:
+                raise RegistryError(f"{self.registry}: token service answered {resp.status}", resp.status)
+            body = await resp.json(content_type=None)
+        token = body.get("token") or body.get("access_token")
+        if not token:
+            raise AuthError(f"{self.registry}: token service returned no token", 401)
+        return f"Bearer {token}"
+
+    @asynccontextmanager
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        scope: str,
+        what: str,
+        headers: dict[str, str] | None = None,
+        data: Any = None,
+        ok: tuple[int, ...] = (200,),
+        retry: bool = True,
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """A request with auth and retries; yields a response whose status is in ``ok``.
+
+        ``data`` may be a callable returning a fresh body for each attempt. ``what`` names
+        the object in error messages (e.g. ``127.0.0.1:5000/app@sha256:...``).
+        """
+        attempt = 0
+        auth_tries = 0
+        while True:
+            hdrs = dict(headers or {})
+            if scope in self._auth.tokens:
+                hdrs["Authorization"] = self._auth.tokens[scope]
+            body = data() if callable(data) else data
+            try:
+                resp = await self.session.request(method, self._url(path), headers=hdrs, data=body)
+            except _RETRY_EXCEPTIONS as e:
+                if not retry or attempt + 1 >= self.retry.attempts:
+                    raise RegistryError(f"{what}: {method} failed: {type(e).__name__}: {e}") from e
+                await asyncio.sleep(self.retry.delay(attempt))
+                attempt += 1
+                continue
+            try:
+                if resp.status == 401 and auth_tries < 2 and "WWW-Authenticate" in resp.headers:
+                    auth_tries += 1
+                    if auth_tries == 2:
+                        raise AuthError(f"{what}: the registry rejected the credentials (401)", 401)
+                    challenge = parse_challenge(resp.headers["WWW-Authenticate"])
+                    self._auth.tokens[scope] = await self._authorize(challenge, scope)
+                    continue
+                if resp.status in ok:
+                    yield resp
+                    return
+                if resp.status in RETRY_STATUSES and retry and attempt + 1 < self.retry.attempts:
+                    delay = self.retry.delay(attempt, _retry_after(resp) if resp.status == 429 else None)
+                    log.info("%s: %s answered %d, retrying in %.2fs", what, method, resp.status, delay)
+                    await asyncio.sleep(delay)
+                    attempt += 1
+                    continue
+                raise await self._error(resp, method, what)
+            finally:
+                resp.release()
+
+    async def _error(self, resp: aiohttp.ClientResponse, method: str, what: str) -> RegistryError:
+        text = (await resp.text(errors="replace"))[:300].strip()
+        detail = text
+        try:
+            errs = json.loads(text).get("errors") or []
+            detail = "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errs) or text
+        except (ValueError, AttributeError):
+            pass
+        msg = f"{what}: {method} answered {resp.status}" + (f" ({detail})" if detail else "")
+        if resp.status == 404:
+            return NotFoundError(msg, 404)
+        if resp.status in (401, 403):
+            return AuthError(msg, resp.status)
+        return RegistryError(msg, resp.status)
+
+    @staticmethod
+    def pull_scope(repo: str) -> str:
+        return f"repository:{repo}:pull"
+
+    @staticmethod
+    def push_scope(repo: str) -> str:
+        return f"repository:{repo}:pull,push"
+
+    # -- manifests ------------------------------------------------------------------------
+
+    async def get_manifest(self, repo: str, reference: str) -> Manifest:
+        what = f"{self.registry}/{repo}{'@' if reference.startswith('sha256:') else ':'}{reference}"
+        async with self.request(
+            "GET",
+            f"/v2/{repo}/manifests/{reference}",
+            scope=self.pull_scope(repo),
+            what=what,
+            headers={"Accept": oci.ACCEPT_MANIFESTS},
+        ) as resp:
+            data = await resp.content.read(MAX_MANIFEST_SIZE + 1)
+            media_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
+        if len(data) > MAX_MANIFEST_SIZE:
+            raise RegistryError(f"{what}: manifest is larger than {MAX_MANIFEST_SIZE} bytes")
+        digest = oci.sha256_digest(data)
+        if reference.startswith("sha256:") and digest != reference:
+            raise DigestMismatchError(f"{what}: manifest bytes hash to {digest}")
+        try:
+            declared = json.loads(data).get("mediaType")
+        except (ValueError, AttributeError):
+            raise RegistryError(f"{what}: manifest is not JSON") from None
+        return Manifest(data, declared or media_type, digest)
+
+    async def manifest_exists(self, repo: str, reference: str) -> str | None:
+        """The digest ``reference`` resolves to, or None."""
+        try:
+            async with self.request(
+                "HEAD",
+                f"/v2/{repo}/manifests/{reference}",
+                scope=self.pull_scope(repo),
+                what=f"{self.registry}/{repo}:{reference}",
+                headers={"Accept": oci.ACCEPT_MANIFESTS},
+            ) as resp:
+                return resp.headers.get("Docker-Content-Digest") or reference
+        except NotFoundError:
+            return None
+
+    async def put_manifest(self, repo: str, reference: str, data: bytes, media_type: str) -> str:
+        digest = oci.sha256_digest(data)
+        what = f"{self.registry}/{repo}:{reference}"
+        async with self.request(
+            "PUT",
+            f"/v2/{repo}/manifests/{reference}",
+            scope=self.push_scope(repo),
+            what=what,
+            headers={"Content-Type": media_type},
+            data=data,
+            ok=(201, 200),
+        ) as resp:
+            got = resp.headers.get("Docker-Content-Digest")
+        if got and got != digest:
+            raise DigestMismatchError(f"{what}: registry stored the manifest as {got}, expected {digest}")
+        return digest
+
+    async def list_tags(self, repo: str) -> list[str]:
+        tags: list[str] = []
+        path: str | None = f"/v2/{repo}/tags/list?n=1000"
+        while path:
+            async with self.request("GET", path, scope=self.pull_scope(repo), what=f"{self.registry}/{repo}") as resp:
+                body = await resp.json(content_type=None)
+                link = resp.headers.get("Link", "")
+            tags.extend(body.get("tags") or [])
+            path = link[link.index("<") + 1 : link.index(">")] if "<" in link else None
+        return tags
+
+    # -- blobs ----------------------------------------------------------------------------
+
+    async def blob_size(self, repo: str, digest: str) -> int | None:
+        """Size of the blob if ``repo`` has it, else None."""
+        try:
+            async with self.request(
+                "HEAD",
+                f"/v2/{repo}/blobs/{digest}",
+                scope=self.pull_scope(repo),
+                what=f"{self.registry}/{repo}@{digest}",
+            ) as resp:
+                return int(resp.headers.get("Content-Length", "-1"))
+        except NotFoundError:
+            return None
+
+    async def read_blob(self, repo: str, digest: str, max_size: int = 64 << 20) -> bytes:
+        """A small blob (config, index) in memory, digest-checked."""
+        what = f"{self.registry}/{repo}@{digest}"
+        async with self.request("GET", f"/v2/{repo}/blobs/{digest}", scope=self.pull_scope(repo), what=what) as resp:
+            data = await resp.content.read(max_size + 1)
+        if len(data) > max_size:
+            raise RegistryError(f"{what}: blob is larger than {max_size} bytes")
+        if oci.sha256_digest(data) != digest:
+            raise DigestMismatchError(f"{what}: blob bytes hash to {oci.sha256_digest(data)}")
+        return data
+
+    async def download_blob(
+        self, repo: str, digest: str, path: str, expected_size: int | None = None, progress: ProgressFn | None = None
+    ) -> int:
+        """Stream a blob to ``path``, checking its digest; resumes after dropped connections."""
+        what = f"{self.registry}/{repo}@{digest}"
+        h = hashlib.sha256()
+        got = 0
+        with open(path, "wb") as f:
+            for attempt in range(self.retry.attempts):
+                headers = {"Range": f"bytes={got}-"} if got else {}
+                try:
+                    async with self.request(
+                        "GET",
+                        f"/v2/{repo}/blobs/{digest}",
+                        scope=self.pull_scope(repo),
+                        what=what,
+                        headers=headers,
+                        ok=(200, 206),
+                    ) as resp:
+                        if got and resp.status == 200:  # no resume: start again
+                            f.seek(0)
+                            f.truncate()
+                            h, got = hashlib.sha256(), 0
+                        async for block in resp.content.iter_chunked(1 << 20):
+                            f.write(block)
+                            h.update(block)
+                            got += len(block)
+                            if expected_size is not None and got > expected_size:
+                                raise DigestMismatchError(
+                                    f"{what}: blob is larger than its descriptor's {expected_size} bytes"
+                                )
+                            if progress:
+                                progress(len(block))
+                    if expected_size is None or got >= expected_size:
+                        break
+                except RegistryError:
+                    raise
+                except _RETRY_EXCEPTIONS as e:
+                    if attempt + 1 >= self.retry.attempts:
+                        raise RegistryError(f"{what}: download failed after {got} bytes: {e}") from e
+                    log.info("%s: connection dropped after %d bytes, resuming", what, got)
+                    await asyncio.sleep(self.retry.delay(attempt))
+        if expected_size is not None and got != expected_size:
+            raise DigestMismatchError(f"{what}: got {got} bytes, the descriptor says {expected_size}")
+        actual = "sha256:" + h.hexdigest()
+        if actual != digest:
+            raise DigestMismatchError(f"{what}: downloaded bytes hash to {actual}")
+        return got
+
+    async def fetch_range(self, repo: str, digest: str, start: int, end: int) -> bytes:
+        """Blob bytes ``[start, end)`` with one Range GET (not verified here: callers verify)."""
+        what = f"{self.registry}/{repo}@{digest}"
+        if end <= start:
+            return b""
+        async with self.request(
+            "GET",
+            f"/v2/{repo}/blobs/{digest}",
+            scope=self.pull_scope(repo),
+            what=what,
+            headers={"Range": f"bytes={start}-{end - 1}"},
+            ok=(200, 206),
+        ) as resp:
+            if resp.status == 206:
+                data = await resp.content.read()
+            else:  # the registry ignored Range: skip to the window, read only it
+                if not self.range_unsupported:
+                    log.warning("%s: registry ignores Range requests; reading through the blob", self.registry)
+                self.range_unsupported = True
+                skip = start
+                while skip:
+                    skip -= len(await resp.content.readexactly(min(skip, 1 << 20)))
+                data = await resp.content.readexactly(end - start)
+        if len(data) != end - start:
+            raise RegistryError(f"{what}: range {start}-{end - 1} returned {len(data)} bytes")
+        return data
+
+    async def mount_blob(self, repo: str, digest: str, from_repo: str) -> bool:
+        """Cross-repository mount; True when the registry mounted it."""
+        query = urlencode({"mount": digest, "from": from_repo})
+        async with self.request(
+            "POST",
+            f"/v2/{repo}/blobs/uploads/?{query}",
+            scope=f"{self.push_scope(repo)} {self.pull_scope(from_repo)}",
+            what=f"{self.registry}/{repo}@{digest}",
+            ok=(201, 202),
+        ) as resp:
+            return resp.status == 201
+
+    async def upload_blob(
+        self, repo: str, digest: str, source: str | bytes, progress: ProgressFn | None = None
+    ) -> None:
+        """Upload a file (streamed) or bytes as ``digest`` unless the repository has it already."""
+        size = len(source) if isinstance(source, bytes) else os.path.getsize(source)
+        if await self.blob_size(repo, digest) == size:
+            return
+        what = f"{self.registry}/{repo}@{digest}"
+        for attempt in range(self.retry.attempts):
+            async with self.request(
+                "POST", f"/v2/{repo}/blobs/uploads/", scope=self.push_scope(repo), what=what, ok=(202,)
+            ) as resp:
+                location = resp.headers["Location"]
+            sep = "&" if "?" in location else "?"
+
+            def body() -> Any:
+                return source if isinstance(source, bytes) else _file_sender(source, progress)
+
+            try:
+                async with self.request(
+                    "PUT",
+                    f"{location}{sep}{urlencode({'digest': digest})}",
+                    scope=self.push_scope(repo),
+                    what=what,
+                    headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+                    data=body,
+                    ok=(201,),
+                    retry=False,
+                ):
+                    pass
+                break
+            except RegistryError as e:
+                if (e.status is not None and e.status not in RETRY_STATUSES) or attempt + 1 >= self.retry.attempts:
+                    raise
+                await asyncio.sleep(self.retry.delay(attempt))
+        if await self.blob_size(repo, digest) != size:
+            raise RegistryError(f"{what}: upload finished but the registry does not hold {size} bytes")
+
+    # -- referrers ------------------------------------------------------------------------
+
+    async def add_referrer(self, repo: str, subject_digest: str, referrer: oci.Descriptor) -> None:
+        """Make ``referrer`` discoverable from ``subject_digest`` (OCI 1.1).
+
+        With a referrers API the registry indexes the pushed manifest by its ``subject``
+        itself; without one (distribution 2.8) keep the ``sha256-<hex>`` tag index current.
+        """
+        what = f"{self.registry}/{repo} referrers of {subject_digest}"
+        try:
+            async with self.request(
+                "GET", f"/v2/{repo}/referrers/{subject_digest}", scope=self.pull_scope(repo), what=what
+            ) as resp:
+                if resp.headers.get("Content-Type", "").startswith(oci.OCI_INDEX):
+                    return
+        except NotFoundError:
+            pass
+        tag = subject_digest.replace(":", "-")
+        try:
+            existing = await self.get_manifest(repo, tag)
+            index = oci.ImageIndex.model_validate_json(existing.data)
+        except NotFoundError:
+            index = oci.ImageIndex(schemaVersion=2, mediaType=oci.OCI_INDEX, manifests=[])
+        if any(m.digest == referrer.digest for m in index.manifests):
+            return
+        index.manifests.append(referrer)
+        body = oci.canonical_json(index.model_dump(by_alias=True, exclude_none=True))
+        await self.put_manifest(repo, tag, body, oci.OCI_INDEX)
+
+    async def referrers(self, repo: str, subject_digest: str) -> list[oci.Descriptor]:
+        try:
+            async with self.request(
+                "GET", f"/v2/{repo}/referrers/{subject_digest}", scope=self.pull_scope(repo), what=repo
+            ) as resp:
+                if resp.headers.get("Content-Type", "").startswith(oci.OCI_INDEX):
+                    return oci.ImageIndex.model_validate_json(await resp.read()).manifests
+        except NotFoundError:
+            pass
+        try:
+            m = await self.get_manifest(repo, subject_digest.replace(":", "-"))
+        except NotFoundError:
+            return []
+        return oci.ImageIndex.model_validate_json(m.data).manifests
+
+
+async def _file_sender(path: str, progress: ProgressFn | None) -> AsyncIterator[bytes]:
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(1 << 20)
+            if not block:
+                return
+            if progress:
+                progress(len(block))
+            yield block
+
+
+def client_for(ref: ImageRef, *, plain_http: bool | None = None, **kwargs: Any) -> RegistryClient:
+    return RegistryClient(ref.registry, plain_http=plain_http, **kwargs)

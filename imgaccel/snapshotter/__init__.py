@@ -1,0 +1,1 @@
+"""Node side: read accelerated images lazily (range reads, verified chunks, merged view)."""

@@ -1,0 +1,182 @@
+"""The merged root filesystem of an image: layers stacked with overlay whiteouts applied.
+
+Entries are placed by their *normalized* path (``normalize_path``): leading ``/`` and ``.``
+components dropped and ``..`` resolved lexically; an entry whose name climbs above the root is
+left out of the view (it stays in the index as data, but nothing can reach it). Per the OCI
+image spec, ``.wh.NAME`` deletes NAME from lower layers and ``.wh..wh..opq`` hides everything
+lower layers put in its directory. Symlinks are resolved inside the image root only.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from imgaccel.formats.layer_index import Entry
+
+log = logging.getLogger(__name__)
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+MAX_SYMLINK_HOPS = 40
+
+
+def normalize_path(name: str) -> str | None:
+    """Path relative to the root ("" is the root itself), or None when it escapes the root."""
+    parts: list[str] = []
+    for p in name.split("/"):
+        if p in ("", "."):
+            continue
+        if p == "..":
+            if not parts:
+                return None
+            parts.pop()
+            continue
+        parts.append(p)
+    return "/".join(parts)
+
+
+@dataclass
+class Node:
+    entry: Entry
+    layer: int  # which layer the entry comes from (-1: implied directory)
+    children: dict[str, Node] = field(default_factory=dict)
+
+
+class PathError(OSError):
+    """A path that does not exist, is not a directory, or loops."""
+
+
+def _implied_dir(name: str) -> Entry:
+    return Entry(name=name, type="dir", mode=0o755)
+
+
+class MergedView:
+    def __init__(self, layers: list[list[Entry]]) -> None:
+        self.root = Node(_implied_dir(""), -1)
+        # Per layer: normalized path -> regular-file entry (hardlink targets resolve here).
+        self.layer_files: list[dict[str, Entry]] = []
+        self.ignored: list[str] = []  # entry names that escape the root
+        for i, entries in enumerate(layers):
+            self._apply_layer(i, entries)
+
+    def _apply_layer(self, i: int, entries: list[Entry]) -> None:
+        placed: list[tuple[str, Entry]] = []
+        files: dict[str, Entry] = {}
+        for e in entries:
+            path = normalize_path(e.name)
+            if path is None:
+                self.ignored.append(e.name)
+                log.warning("layer %d: entry %r escapes the root; ignored", i, e.name)
+                continue
+            placed.append((path, e))
+            if e.type == "reg":
+                files[path] = e
+        self.layer_files.append(files)
+        # Whiteouts act on lower layers only: apply them before this layer's entries.
+        for path, _ in placed:
+            parent, _, base = path.rpartition("/")
+            if base == OPAQUE_MARKER:
+                node = self._find(parent)
+                if node is not None and node.entry.type == "dir":
+                    node.children.clear()
+            elif base.startswith(WHITEOUT_PREFIX):
+                node = self._find(parent)
+                if node is not None:
+                    node.children.pop(base[len(WHITEOUT_PREFIX) :], None)
+        for path, e in placed:
+            base = path.rpartition("/")[2]
+            if base.startswith(WHITEOUT_PREFIX):
+                continue
+            if path == "":
+                if e.type == "dir":
+                    self.root.entry, self.root.layer = e, i
+                continue
+            parent = self._ensure_dir(path.rpartition("/")[0], i)
+            old = parent.children.get(base)
+            if old is not None and old.entry.type == "dir" and e.type == "dir":
+                old.entry, old.layer = e, i  # directories merge; the upper one's metadata wins
+            else:
+                parent.children[base] = Node(e, i)
+
+    def _find(self, path: str) -> Node | None:
+        node = self.root
+        for part in path.split("/") if path else []:
+            child = node.children.get(part)
+            if child is None:
+                return None
+            node = child
+        return node
+
+    def _ensure_dir(self, path: str, layer: int) -> Node:
+        node = self.root
+        for part in path.split("/") if path else []:
+            child = node.children.get(part)
+            if child is None or child.entry.type != "dir":
+                child = Node(_implied_dir(part), layer)
+                node.children[part] = child
+            node = child
+        return node
+
+    def lookup(self, path: str, follow: bool = True) -> tuple[str, Node]:
+        """Resolve ``path`` inside the root; returns the resolved path and its node."""
+        return self._resolve(path, follow, 0)
+
+    def _resolve(self, path: str, follow_last: bool, hops: int) -> tuple[str, Node]:
+        parts = [p for p in path.split("/") if p not in ("", ".")]
+        resolved: list[str] = []
+        node = self.root
+        i = 0
+        while i < len(parts):
+            part = parts[i]
+            i += 1
+            if part == "..":
+                if resolved:
+                    resolved.pop()
+                node = self._find("/".join(resolved)) or self.root
+                continue
+            if node.entry.type != "dir":
+                raise PathError(f"/{'/'.join(resolved)}: not a directory")
+            child = node.children.get(part)
+            if child is None:
+                raise PathError(f"/{'/'.join([*resolved, part])}: no such file or directory")
+            last = i == len(parts)
+            if child.entry.type == "symlink" and (follow_last or not last):
+                hops += 1
+                if hops > MAX_SYMLINK_HOPS:
+                    raise PathError(f"{path}: too many levels of symbolic links")
+                target = child.entry.linkname
+                base = [] if target.startswith("/") else resolved
+                rest = parts[i:]
+                parts = [*base, *[p for p in target.split("/") if p not in ("", ".")], *rest]
+                resolved, node, i = [], self.root, 0
+                continue
+            resolved.append(part)
+            node = child
+        return "/".join(resolved), node
+
+    def data_entry(self, node: Node) -> Entry:
+        """The regular-file entry holding a node's bytes (follows hardlinks in its layer)."""
+        e = node.entry
+        if e.type == "hardlink":
+            target = normalize_path(e.linkname)
+            found = self.layer_files[node.layer].get(target) if target is not None else None
+            if found is None:
+                raise PathError(f"{e.name}: hardlink target {e.linkname!r} is not in its layer")
+            return found
+        if e.type != "reg":
+            raise PathError(f"{e.name}: not a regular file")
+        return e
+
+    def walk(self) -> list[tuple[str, Node]]:
+        """Every path in the merged tree (parents before children), root excluded."""
+        out: list[tuple[str, Node]] = []
+        stack = [("", self.root)]
+        while stack:
+            path, node = stack.pop()
+            for name in sorted(node.children, reverse=True):
+                child = node.children[name]
+                p = f"{path}/{name}" if path else name
+                out.append((p, child))
+                if child.entry.type == "dir":
+                    stack.append((p, child))
+        return out
