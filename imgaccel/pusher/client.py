@@ -244,7 +244,7 @@ class RegistryClient:
             what=what,
             headers={"Accept": oci.ACCEPT_MANIFESTS},
         ) as resp:
-            data = await resp.content.read(MAX_MANIFEST_SIZE + 1)
+            data = await _read_limited(resp, MAX_MANIFEST_SIZE)
             media_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
         if len(data) > MAX_MANIFEST_SIZE:
             raise RegistryError(f"{what}: manifest is larger than {MAX_MANIFEST_SIZE} bytes")
@@ -318,7 +318,7 @@ class RegistryClient:
         """A small blob (config, index) in memory, digest-checked."""
         what = f"{self.registry}/{repo}@{digest}"
         async with self.request("GET", f"/v2/{repo}/blobs/{digest}", scope=self.pull_scope(repo), what=what) as resp:
-            data = await resp.content.read(max_size + 1)
+            data = await _read_limited(resp, max_size)
         if len(data) > max_size:
             raise RegistryError(f"{what}: blob is larger than {max_size} bytes")
         if oci.sha256_digest(data) != digest:
@@ -494,6 +494,19 @@ class RegistryClient:
         except NotFoundError:
             return []
         return oci.ImageIndex.model_validate_json(m.data).manifests
+
+
+async def _read_limited(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The whole body, or ``limit + 1`` bytes of it when it is longer than ``limit``."""
+    parts: list[bytes] = []
+    got = 0
+    while got <= limit:
+        block = await resp.content.read(min(1 << 20, limit + 1 - got))
+        if not block:
+            break
+        parts.append(block)
+        got += len(block)
+    return b"".join(parts)
 
 
 async def _file_sender(path: str, progress: ProgressFn | None) -> AsyncIterator[bytes]:
