@@ -197,7 +197,7 @@ class ImageConverter:
                 return desc, out
             return self._encode_full(src, tmp, layer, encoding)
         except LayerError as e:
-            raise ConversionError(f"{self.client.registry}: {what}: {e}") from e
+            raise ConversionError(f"{what}: {e}") from e
 
     def _encode_full(
         self, src: str, tmp: str, layer: oci.Descriptor, encoding: li.Encoding

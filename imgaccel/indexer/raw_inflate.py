@@ -83,7 +83,7 @@ def gzip_header_length(data: bytes | memoryview, pos: int) -> int:
     return p - pos
 
 
-def inflate_from_checkpoint(data: bytes, bits: int, window: bytes, out_size: int) -> bytes:
+def inflate_from_checkpoint(data: bytes, bits: int, window: bytes, out_size: int, expect_end: bool = False) -> bytes:
     """Inflate ``out_size`` bytes of a gzip stream starting at a checkpoint.
 
     ``data`` begins with the byte that holds the checkpoint's first bit: when ``bits`` is
@@ -91,8 +91,10 @@ def inflate_from_checkpoint(data: bytes, bits: int, window: bytes, out_size: int
     next deflate block (zran's convention: checkpoint bit position = offset * 8 - bits).
     ``window`` is the 32 KiB of uncompressed data before the checkpoint (may be empty at the
     start of a member).  Member boundaries (gzip trailer + next header) are crossed.
+    With ``expect_end``, ``data`` must end right after those bytes: the deflate stream's
+    final block, then the 8-byte gzip trailer (zero padding after it is tolerated).
     """
-    out = ctypes.create_string_buffer(out_size) if out_size else ctypes.create_string_buffer(1)
+    out = ctypes.create_string_buffer(out_size + 1)
     strm = _ZStream()
     if _zlib.inflateInit2_(ctypes.byref(strm), -15, _VERSION, ctypes.sizeof(_ZStream)) != _Z_OK:
         raise MemoryError("inflateInit2 failed")
@@ -133,6 +135,18 @@ def inflate_from_checkpoint(data: bytes, bits: int, window: bytes, out_size: int
                 raise InflateError("compressed range ends before the span does")
             msg = strm.msg.decode() if strm.msg else f"zlib error {ret}"
             raise InflateError(msg)
+        if expect_end:
+            strm.next_in = base_in + pos
+            strm.avail_in = len(data) - pos
+            strm.next_out = base_out + out_size
+            strm.avail_out = 1
+            ret = _zlib.inflate(ctypes.byref(strm), _Z_NO_FLUSH)
+            pos = len(data) - strm.avail_in
+            if ret != _Z_STREAM_END or strm.avail_out == 0:
+                raise InflateError("the gzip stream is truncated (no end-of-stream marker)")
+            trailer = data[pos:]
+            if len(trailer) < 8 or trailer[8:].strip(b"\0"):
+                raise InflateError("the gzip stream is truncated or has trailing garbage after its trailer")
         return out.raw[:out_size]
     finally:
         _zlib.inflateEnd(ctypes.byref(strm))

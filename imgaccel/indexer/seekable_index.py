@@ -20,7 +20,8 @@ import zstandard
 from imgaccel.formats.layer_index import Chunk, Encoding, Entry, LayerIndex
 from imgaccel.indexer.errors import LayerError, NotSeekableError
 from imgaccel.indexer.tar_walker import DigestSink, walk_tar
-from imgaccel.indexer.uncompressed_stream import GzipStream, UncompressedStream, open_uncompressed
+from imgaccel.indexer.raw_inflate import InflateError, inflate_from_checkpoint
+from imgaccel.indexer.uncompressed_stream import GzipCheckpoint, GzipStream, UncompressedStream, open_uncompressed
 from imgaccel.indexer.zstd_frames import zstd_frames
 
 # Unknown checkpoint boundaries may hold back at most this much data for hashing.
@@ -116,6 +117,7 @@ def _gzip_index(path: str, blob_digest: str, size: int, span: int, sink: _SpanDi
         points = stream.checkpoints()
     finally:
         stream.close()
+    _verify_gzip_end(path, points, total)
     bounds = [p.u_offset for p in points if p.u_offset > 0]
     sink.cut(bounds + [total])
     windows: list[bytes] = []
@@ -144,6 +146,22 @@ def _gzip_index(path: str, blob_digest: str, size: int, span: int, sink: _SpanDi
             )
         )
     return SeekableIndex(_make_index("gzip", blob_digest, size, total, chunks, sink.entries, sink), windows)
+
+
+def _verify_gzip_end(path: str, points: list[GzipCheckpoint], total: int) -> None:
+    """rapidgzip accepts a truncated stream silently: decode the last span strictly."""
+    spans = [p for p in points if p.u_offset < total] or points[:1]  # rapidgzip may add an end point
+    if not spans:
+        raise LayerError("empty or invalid gzip stream")
+    last = spans[-1]
+    start = last.c_offset - 1 if last.bits else last.c_offset
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = f.read()
+    try:
+        inflate_from_checkpoint(data, last.bits, last.window, total - last.u_offset, expect_end=True)
+    except InflateError as e:
+        raise LayerError(f"corrupt or truncated gzip: {e}") from e
 
 
 class _FrameSlice:

@@ -109,6 +109,7 @@ def walk_tar(stream: UncompressedStream, sink: StreamSink) -> int:
     except tarfile.TarError as e:
         raise LayerError(f"not a tar archive: {e}") from e
     last_end = 0
+    last: Entry | None = None
     try:
         while True:
             ti = tf.next()
@@ -118,8 +119,11 @@ def walk_tar(stream: UncompressedStream, sink: StreamSink) -> int:
             entry = to_entry(ti)
             if entry.type == "reg":
                 last_end = max(last_end, entry.offset + entry.size)
+            last = entry
             sink.entry(entry, ti.offset)
     except tarfile.TarError as e:
+        if last is not None and last.offset + last.size > tee.pos:
+            raise LayerError(_past_end(last, tee.pos)) from e
         raise LayerError(f"corrupt tar stream at offset {tee.pos}: {e}") from e
     end_of_entries = tf.offset
     garbage = tee.nonzero_after(end_of_entries)
@@ -131,9 +135,16 @@ def walk_tar(stream: UncompressedStream, sink: StreamSink) -> int:
         garbage = tee.nonzero_after(start)
     if garbage is not None:
         raise LayerError(f"invalid tar header or trailing data at offset {garbage}")
-    if last_end > tee.pos:
-        raise LayerError(f"tar entry data runs to offset {last_end}, past the end of the stream ({tee.pos})")
+    if last is not None and last_end > tee.pos:
+        raise LayerError(_past_end(last, tee.pos))
     return tee.pos
+
+
+def _past_end(entry: Entry, stream_end: int) -> str:
+    return (
+        f"tar entry {entry.name!r} declares {entry.size} bytes at offset {entry.offset}, "
+        f"past the end of the stream ({stream_end} bytes)"
+    )
 
 
 class DigestSink:

@@ -1,7 +1,8 @@
 """Sequential readers that turn a local layer blob into its uncompressed tar stream.
 
-gzip goes through rapidgzip (parallel inflate on both cores); it also reports the deflate
-block boundaries it decoded, which are the checkpoints of index-only mode.
+For index-only mode, gzip goes through rapidgzip (``GzipStream``: parallel inflate on every
+core), which also reports the deflate block boundaries it decoded: the checkpoints. Full mode
+inflates with ISA-L on one thread (``open_uncompressed``), leaving the other cores to zstd.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
+import isal.igzip
 import lz4.frame
 import rapidgzip
 import zstandard
@@ -121,10 +123,26 @@ class _PlainReader:
         self._f.close()
 
 
-def open_uncompressed(path: str, encoding: Encoding, span: int = 4 << 20) -> UncompressedStream:
-    """A sequential reader of the uncompressed tar inside the blob at ``path``."""
+class _StrictGzipReader:
+    """Single-threaded gzip (ISA-L) that fails on truncation and CRC errors."""
+
+    def __init__(self, path: str) -> None:
+        self._f = isal.igzip.open(path, "rb")
+
+    def read(self, n: int) -> bytes:
+        try:
+            return self._f.read(n)
+        except (EOFError, OSError, ValueError) as e:
+            raise LayerError(f"corrupt or truncated gzip: {e}") from e
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def open_uncompressed(path: str, encoding: Encoding) -> UncompressedStream:
+    """A strict sequential reader of the uncompressed tar inside the blob at ``path``."""
     if encoding == "gzip":
-        return GzipStream(path, span)
+        return _StrictGzipReader(path)
     f = open(path, "rb")
     if encoding in ("zstd", "lz4"):
         return _FrameReader(f, encoding)
