@@ -13,6 +13,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import aiohttp
 import click
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
@@ -34,7 +35,10 @@ from .settings import load_settings
 
 T = TypeVar("T")
 err = Console(stderr=True)
-FAILURES = (ConversionError, RegistryError, ImageOpenError, ChunkReadError, PathError, OSError, ValueError)
+FAILURES = (
+    ConversionError, RegistryError, ImageOpenError, ChunkReadError, PathError, OSError, ValueError,
+    aiohttp.ClientError, asyncio.TimeoutError,
+)  # fmt: skip
 
 
 def _size(text: str) -> int:

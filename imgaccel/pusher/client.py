@@ -225,6 +225,28 @@ class RegistryClient:
             return AuthError(msg, resp.status)
         return RegistryError(msg, resp.status)
 
+    async def _fetch(
+        self,
+        path: str,
+        *,
+        scope: str,
+        what: str,
+        headers: dict[str, str] | None = None,
+        ok: tuple[int, ...] = (200,),
+        limit: int,
+    ) -> tuple[bytes, int, dict[str, str]]:
+        """GET a whole (bounded) body; a connection dropped mid-body is retried."""
+        for attempt in range(self.retry.attempts):
+            try:
+                async with self.request("GET", path, scope=scope, what=what, headers=headers, ok=ok) as resp:
+                    data = await _read_limited(resp, limit)
+                    return data, resp.status, dict(resp.headers)
+            except _RETRY_EXCEPTIONS as e:
+                if attempt + 1 >= self.retry.attempts:
+                    raise RegistryError(f"{what}: GET failed mid-body: {type(e).__name__}: {e}") from e
+                await asyncio.sleep(self.retry.delay(attempt))
+        raise AssertionError("unreachable")
+
     @staticmethod
     def pull_scope(repo: str) -> str:
         return f"repository:{repo}:pull"
@@ -237,15 +259,14 @@ class RegistryClient:
 
     async def get_manifest(self, repo: str, reference: str) -> Manifest:
         what = f"{self.registry}/{repo}{'@' if reference.startswith('sha256:') else ':'}{reference}"
-        async with self.request(
-            "GET",
+        data, _, headers = await self._fetch(
             f"/v2/{repo}/manifests/{reference}",
             scope=self.pull_scope(repo),
             what=what,
             headers={"Accept": oci.ACCEPT_MANIFESTS},
-        ) as resp:
-            data = await _read_limited(resp, MAX_MANIFEST_SIZE)
-            media_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
+            limit=MAX_MANIFEST_SIZE,
+        )
+        media_type = headers.get("Content-Type", "").split(";")[0].strip()
         if len(data) > MAX_MANIFEST_SIZE:
             raise RegistryError(f"{what}: manifest is larger than {MAX_MANIFEST_SIZE} bytes")
         digest = oci.sha256_digest(data)
@@ -317,8 +338,7 @@ class RegistryClient:
     async def read_blob(self, repo: str, digest: str, max_size: int = 64 << 20) -> bytes:
         """A small blob (config, index) in memory, digest-checked."""
         what = f"{self.registry}/{repo}@{digest}"
-        async with self.request("GET", f"/v2/{repo}/blobs/{digest}", scope=self.pull_scope(repo), what=what) as resp:
-            data = await _read_limited(resp, max_size)
+        data, _, _ = await self._fetch(f"/v2/{repo}/blobs/{digest}", scope=self.pull_scope(repo), what=what, limit=max_size)
         if len(data) > max_size:
             raise RegistryError(f"{what}: blob is larger than {max_size} bytes")
         if oci.sha256_digest(data) != digest:
@@ -379,24 +399,31 @@ class RegistryClient:
         what = f"{self.registry}/{repo}@{digest}"
         if end <= start:
             return b""
-        async with self.request(
-            "GET",
-            f"/v2/{repo}/blobs/{digest}",
-            scope=self.pull_scope(repo),
-            what=what,
-            headers={"Range": f"bytes={start}-{end - 1}"},
-            ok=(200, 206),
-        ) as resp:
-            if resp.status == 206:
-                data = await resp.content.read()
-            else:  # the registry ignored Range: skip to the window, read only it
-                if not self.range_unsupported:
-                    log.warning("%s: registry ignores Range requests; reading through the blob", self.registry)
-                self.range_unsupported = True
-                skip = start
-                while skip:
-                    skip -= len(await resp.content.readexactly(min(skip, 1 << 20)))
-                data = await resp.content.readexactly(end - start)
+        for attempt in range(self.retry.attempts):
+            try:
+                async with self.request(
+                    "GET",
+                    f"/v2/{repo}/blobs/{digest}",
+                    scope=self.pull_scope(repo),
+                    what=what,
+                    headers={"Range": f"bytes={start}-{end - 1}"},
+                    ok=(200, 206),
+                ) as resp:
+                    if resp.status == 200:  # the registry ignored Range: read through to the window
+                        if not self.range_unsupported:
+                            log.warning("%s: registry ignores Range requests; reading through blobs", self.registry)
+                        self.range_unsupported = True
+                        skip = start
+                        while skip:
+                            skip -= len(await resp.content.readexactly(min(skip, 1 << 20)))
+                        data = await resp.content.readexactly(end - start)
+                    else:
+                        data = await _read_limited(resp, end - start)
+                break
+            except (*_RETRY_EXCEPTIONS, asyncio.IncompleteReadError) as e:
+                if attempt + 1 >= self.retry.attempts:
+                    raise RegistryError(f"{what}: range {start}-{end - 1} failed: {type(e).__name__}: {e}") from e
+                await asyncio.sleep(self.retry.delay(attempt))
         if len(data) != end - start:
             raise RegistryError(f"{what}: range {start}-{end - 1} returned {len(data)} bytes")
         return data
