@@ -12,7 +12,6 @@ from tests.helpers import run_cli
 from tests.registry import Registry, start_registry
 
 
-
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     reg = start_registry(tmp_path_factory.mktemp("registry"))

@@ -40,9 +40,16 @@ class FaultProxy:
             return web.Response(status=503, text="unavailable")
         body = await request.read()
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS | {"content-length"}}
-        async with aiohttp.ClientSession(auto_decompress=False) as session, session.request(
-            request.method, f"http://{self.upstream}{request.path_qs}", headers=headers, data=body or None, allow_redirects=False
-        ) as up:
+        async with (
+            aiohttp.ClientSession(auto_decompress=False) as session,
+            session.request(
+                request.method,
+                f"http://{self.upstream}{request.path_qs}",
+                headers=headers,
+                data=body or None,
+                allow_redirects=False,
+            ) as up,
+        ):
             out_headers = {k: v for k, v in up.headers.items() if k.lower() not in HOP_HEADERS}
             resp = web.StreamResponse(status=up.status, headers=out_headers)
             await resp.prepare(request)

@@ -29,7 +29,9 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> Result:
         cwd=ROOT,
         timeout=600,
     )
-    return Result(proc.returncode, proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace"), proc.stdout)
+    return Result(
+        proc.returncode, proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace"), proc.stdout
+    )
 
 
 def sha256(data: bytes) -> str:

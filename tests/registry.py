@@ -70,8 +70,13 @@ http:
   addr: 127.0.0.1:{port}
 {extra_config}"""
     )
-    log = open(workdir / "registry.log", "wb")
-    proc = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=log, stderr=log, env={**os.environ, "OTEL_TRACES_EXPORTER": "none"})
+    log = open(workdir / "registry.log", "wb")  # noqa: SIM115 - the registry process writes it
+    proc = subprocess.Popen(
+        ["docker-registry", "serve", str(config)],
+        stdout=log,
+        stderr=log,
+        env={**os.environ, "OTEL_TRACES_EXPORTER": "none"},
+    )
     host = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 20
     while True:

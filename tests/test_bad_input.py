@@ -75,7 +75,9 @@ def test_digest_mismatch_in_registry(registry: Registry) -> None:
 def test_unknown_layer_media_type(registry: Registry) -> None:
     blob = gzip.compress(tar_bytes([Member("x", b"x")]))
     push_image(registry.host, "bad/mediatype", "v1", [("application/vnd.example.layer.v1+foo", blob)])
-    assert_fails_cleanly(registry, "bad/mediatype", "unsupported layer media type", "application/vnd.example.layer.v1+foo")
+    assert_fails_cleanly(
+        registry, "bad/mediatype", "unsupported layer media type", "application/vnd.example.layer.v1+foo"
+    )
 
 
 def test_helm_chart_is_not_an_image(registry: Registry) -> None:

@@ -38,7 +38,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
   address = "{sock}.ttrpc"
 """
     )
-    log = open(d / "containerd.log", "wb")
+    log = open(d / "containerd.log", "wb")  # noqa: SIM115 - containerd writes it
     proc = subprocess.Popen(["containerd", "--config", str(d / "config.toml")], stdout=log, stderr=log)
     try:
         deadline = time.monotonic() + 30
@@ -62,9 +62,14 @@ def test_runs_under_containerd(containerd: list[str], registry: Registry, conver
     ctr = [*containerd, "--namespace", f"imgaccel-{mode}"]  # own namespace: the layers are really unpacked
     pull = subprocess.run([*ctr, "images", "pull", "--plain-http", ref], capture_output=True, text=True, timeout=300)
     assert pull.returncode == 0, pull.stderr
-    script = "cat /opq/c.txt /etc/motd; ls /old; sha256sum /data/big.bin /bin/busybox /data/hl-b; cat /links/abs | head -1"
+    script = (
+        "cat /opq/c.txt /etc/motd; ls /old; sha256sum /data/big.bin /bin/busybox /data/hl-b; cat /links/abs | head -1"
+    )
     run = subprocess.run(
-        [*ctr, "run", "--rm", ref, f"check-{mode}", "/bin/sh", "-c", script], capture_output=True, text=True, timeout=300
+        [*ctr, "run", "--rm", ref, f"check-{mode}", "/bin/sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()

@@ -13,7 +13,6 @@ from fixtures.build_images import BIG_FILE_SIZE
 from tests.helpers import run_cli, sha256
 from tests.registry import Registry
 
-
 ACCEPT = "application/vnd.oci.image.index.v1+json,application/vnd.oci.image.manifest.v1+json"
 
 
@@ -65,7 +64,9 @@ def test_full_mode_layers_decompress_to_diff_ids(registry: Registry, converted: 
         assert sha256(tar) == diff_id
 
 
-def test_index_mode_leaves_source_untouched(registry: Registry, images: dict[str, str], converted: dict[str, str]) -> None:
+def test_index_mode_leaves_source_untouched(
+    registry: Registry, images: dict[str, str], converted: dict[str, str]
+) -> None:
     repo_url = f"http://{registry.host}/v2/fixtures/app"
     source = get_bytes(f"{repo_url}/manifests/v1")  # the registry returns the stored bytes
     index = get_json(f"{repo_url}/manifests/v1_accelerated")

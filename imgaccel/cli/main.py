@@ -49,7 +49,7 @@ def _size(text: str) -> int:
     return int(t)
 
 
-class SizeParam(click.ParamType):
+class SizeParam(click.ParamType):  # type: ignore[type-arg]
     name = "size"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
@@ -179,8 +179,8 @@ async def _convert_all(refs: list[ImageRef], options: ConvertOptions, jobs: int,
                     return
                 finally:
                     bars.remove_task(task)
-                click.echo(f"{result.source} -> {result.target.registry}/{result.target.repository}:{result.target.tag}@{result.digest}"
-                           + _summary(result))  # fmt: skip
+                target = result.target.with_digest(result.digest)
+                click.echo(f"{result.source} -> {target}{_summary(result)}")
 
         try:
             for ref in refs:
@@ -320,9 +320,8 @@ def inspect(ref: str, plain_http: bool, platform: str | None) -> None:
             s = source_layers[i] if i < len(source_layers) else None
             src_size = s.size if s else 0
             idx = layer.index
-            click.echo(
-                f"layer {i}: {s.digest if s else '?'} ({s.mediaType.rsplit('.', 1)[-1] if s else '?'}, {src_size} bytes)"
-            )
+            kind = s.mediaType.rsplit(".", 1)[-1] if s else "?"
+            click.echo(f"layer {i}: {s.digest if s else '?'} ({kind}, {src_size} bytes)")
             click.echo(f"  read as {idx.encoding}: {len(idx.chunks)} chunks, {len(idx.entries)} entries, "
                        f"{idx.uncompressed_size} bytes uncompressed")  # fmt: skip
             if image.mode == "index" and layer.blob_digest == (s.digest if s else None):

@@ -105,9 +105,8 @@ def inflate_from_checkpoint(data: bytes, bits: int, window: bytes, out_size: int
                 raise InflateError("empty compressed range")
             _zlib.inflatePrime(ctypes.byref(strm), bits, data[0] >> (8 - bits))
             pos = 1
-        if window:
-            if _zlib.inflateSetDictionary(ctypes.byref(strm), window, len(window)) != _Z_OK:
-                raise InflateError("cannot set the checkpoint window")
+        if window and _zlib.inflateSetDictionary(ctypes.byref(strm), window, len(window)) != _Z_OK:
+            raise InflateError("cannot set the checkpoint window")
         produced = 0
         inbuf = ctypes.create_string_buffer(data, len(data))
         base_in = ctypes.addressof(inbuf)

@@ -12,15 +12,15 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Iterator
-from typing import BinaryIO
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import zstandard
 
 from imgaccel.formats.layer_index import Chunk, Encoding, Entry, LayerIndex
 from imgaccel.indexer.errors import LayerError, NotSeekableError
-from imgaccel.indexer.tar_walker import DigestSink, walk_tar
 from imgaccel.indexer.raw_inflate import InflateError, inflate_from_checkpoint
+from imgaccel.indexer.tar_walker import DigestSink, walk_tar
 from imgaccel.indexer.uncompressed_stream import GzipCheckpoint, GzipStream, UncompressedStream, open_uncompressed
 from imgaccel.indexer.zstd_frames import zstd_frames
 
@@ -67,7 +67,7 @@ class _SpanDigests(DigestSink):
 
 
 def _fixed_chunks(sink: _SpanDigests, total: int, span: int) -> None:
-    sink.cut(list(range(span, total, span)) + [total])
+    sink.cut([*range(span, total, span), total])
 
 
 def build_seekable_index(path: str, encoding: Encoding, blob_digest: str, span: int = 4 << 20) -> SeekableIndex:
@@ -119,7 +119,7 @@ def _gzip_index(path: str, blob_digest: str, size: int, span: int, sink: _SpanDi
         stream.close()
     _verify_gzip_end(path, points, total)
     bounds = [p.u_offset for p in points if p.u_offset > 0]
-    sink.cut(bounds + [total])
+    sink.cut([*bounds, total])
     windows: list[bytes] = []
     chunks: list[Chunk] = []
     for i, p in enumerate(points):
@@ -183,7 +183,7 @@ class _FrameStream:
     """The frames of a zstd blob, decoded one by one, recording each frame's output size."""
 
     def __init__(self, path: str, frames: list[tuple[int, int]]) -> None:
-        self._f = open(path, "rb")
+        self._f = open(path, "rb")  # noqa: SIM115 - closed by close()
         self.sizes: list[int] = []
         self._blocks = self._decode(frames)
 
@@ -192,7 +192,8 @@ class _FrameStream:
             self.sizes.append(0)
             dctx = zstandard.ZstdDecompressor()
             try:
-                for block in dctx.read_to_iter(_FrameSlice(self._f, off, csize), read_size=1 << 20, write_size=1 << 20):
+                frame = _FrameSlice(self._f, off, csize)
+                for block in dctx.read_to_iter(frame, read_size=1 << 20, write_size=1 << 20):  # type: ignore[arg-type]
                     self.sizes[-1] += len(block)
                     yield block
             except zstandard.ZstdError as e:
@@ -224,7 +225,7 @@ def _zstd_index(path: str, blob_digest: str, size: int, span: int, sink: _SpanDi
     sink.cut(ends)
     chunks = []
     u = 0
-    for (off, csize), n in zip(frames, stream.sizes):
+    for (off, csize), n in zip(frames, stream.sizes, strict=True):
         if n:
             chunks.append(Chunk(c_offset=off, c_size=csize, u_offset=u, u_size=n, digest=sink.digests[u][1]))
         u += n

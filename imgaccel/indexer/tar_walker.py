@@ -105,7 +105,7 @@ def walk_tar(stream: UncompressedStream, sink: StreamSink) -> int:
     """Read the whole stream; returns its length. Raises ``LayerError`` on a bad archive."""
     tee = _Tee(stream, sink)
     try:
-        tf = tarfile.open(fileobj=tee, mode="r|", bufsize=READ_SIZE)  # type: ignore[call-overload]
+        tf = tarfile.open(fileobj=tee, mode="r|", bufsize=READ_SIZE)  # type: ignore[call-overload]  # noqa: SIM115
     except tarfile.TarError as e:
         raise LayerError(f"not a tar archive: {e}") from e
     last_end = 0

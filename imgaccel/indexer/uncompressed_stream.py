@@ -127,11 +127,11 @@ class _StrictGzipReader:
     """Single-threaded gzip (ISA-L) that fails on truncation and CRC errors."""
 
     def __init__(self, path: str) -> None:
-        self._f = isal.igzip.open(path, "rb")
+        self._f: BinaryIO = isal.igzip.open(path, "rb")  # type: ignore[no-untyped-call]
 
     def read(self, n: int) -> bytes:
         try:
-            return self._f.read(n)
+            return bytes(self._f.read(n))
         except (EOFError, OSError, ValueError) as e:
             raise LayerError(f"corrupt or truncated gzip: {e}") from e
 
@@ -143,7 +143,7 @@ def open_uncompressed(path: str, encoding: Encoding) -> UncompressedStream:
     """A strict sequential reader of the uncompressed tar inside the blob at ``path``."""
     if encoding == "gzip":
         return _StrictGzipReader(path)
-    f = open(path, "rb")
+    f = open(path, "rb")  # noqa: SIM115 - the returned reader closes it
     if encoding in ("zstd", "lz4"):
         return _FrameReader(f, encoding)
     return _PlainReader(f)

@@ -47,7 +47,7 @@ class RetryPolicy:
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         if retry_after is not None:
             return min(retry_after, self.max_delay)
-        backoff = min(self.base_delay * (2**attempt), self.max_delay)
+        backoff = min(self.base_delay * float(2**attempt), self.max_delay)
         return backoff / 2 + random.uniform(0, backoff / 2)
 
 
@@ -338,7 +338,9 @@ class RegistryClient:
     async def read_blob(self, repo: str, digest: str, max_size: int = 64 << 20) -> bytes:
         """A small blob (config, index) in memory, digest-checked."""
         what = f"{self.registry}/{repo}@{digest}"
-        data, _, _ = await self._fetch(f"/v2/{repo}/blobs/{digest}", scope=self.pull_scope(repo), what=what, limit=max_size)
+        data, _, _ = await self._fetch(
+            f"/v2/{repo}/blobs/{digest}", scope=self.pull_scope(repo), what=what, limit=max_size
+        )
         if len(data) > max_size:
             raise RegistryError(f"{what}: blob is larger than {max_size} bytes")
         if oci.sha256_digest(data) != digest:

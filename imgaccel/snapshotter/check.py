@@ -18,7 +18,7 @@ import tarfile
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import IO, BinaryIO, cast
 
 import zstandard
 
@@ -59,12 +59,12 @@ def _clean(name: str) -> str | None:
     return p.lstrip("/")
 
 
-def _decompressed(f: BinaryIO, media_type: str) -> BinaryIO:
+def _decompressed(f: BinaryIO, media_type: str) -> IO[bytes]:
     enc = oci.LAYER_COMPRESSION.get(media_type)
     if enc == "gzip":
-        return gzip.GzipFile(fileobj=f)  # type: ignore[return-value]
+        return cast(IO[bytes], gzip.GzipFile(fileobj=f))
     if enc == "zstd":
-        return zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)  # type: ignore[return-value]
+        return zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
     return f
 
 
@@ -81,8 +81,7 @@ def _layer_records(path: str, media_type: str) -> Iterator[tuple[str, Record]]:
             if kind == "reg":
                 h = hashlib.sha256()
                 src = tf.extractfile(ti)
-                assert src is not None
-                for block in iter(lambda: src.read(1 << 20), b""):
+                while src is not None and (block := src.read(1 << 20)):
                     h.update(block)
                 digest = contents[name] = h.hexdigest()
             elif kind == "hardlink":

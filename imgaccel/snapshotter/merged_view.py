@@ -74,13 +74,13 @@ class MergedView:
         self.layer_files.append(files)
         # Whiteouts act on lower layers only: apply them before this layer's entries.
         for path, _ in placed:
-            parent, _, base = path.rpartition("/")
+            parent_path, _, base = path.rpartition("/")
             if base == OPAQUE_MARKER:
-                node = self._find(parent)
+                node = self._find(parent_path)
                 if node is not None and node.entry.type == "dir":
                     node.children.clear()
             elif base.startswith(WHITEOUT_PREFIX):
-                node = self._find(parent)
+                node = self._find(parent_path)
                 if node is not None:
                     node.children.pop(base[len(WHITEOUT_PREFIX) :], None)
         for path, e in placed:

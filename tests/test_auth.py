@@ -1,0 +1,60 @@
+"""Credentials: a real registry with htpasswd basic auth; Docker config file credentials."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fixtures.build_images import unique_image
+from tests.helpers import run_cli
+from tests.registry import Registry, start_registry
+
+
+@pytest.fixture(scope="module")
+def auth_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    d = tmp_path_factory.mktemp("authreg")
+    htpasswd = subprocess.run(
+        ["htpasswd", "-Bbn", "alice", "s3cret"], capture_output=True, text=True, check=True
+    ).stdout
+    (d / "htpasswd").write_text(htpasswd)
+    reg = start_registry(d, f"auth:\n  htpasswd:\n    realm: imgaccel-test\n    path: {d / 'htpasswd'}\n")
+    try:
+        yield reg
+    finally:
+        reg.stop()
+
+
+def docker_config(tmp: Path, host: str, user: str, password: str) -> dict[str, str]:
+    auth = base64.b64encode(f"{user}:{password}".encode()).decode()
+    (tmp / "config.json").write_text(json.dumps({"auths": {host: {"auth": auth}}}))
+    return {"DOCKER_CONFIG": str(tmp)}
+
+
+def test_credentials(auth_registry: Registry, tmp_path: Path) -> None:
+    host = auth_registry.host
+    layout = unique_image(tmp_path, "auth")
+    subprocess.run(
+        ["skopeo", "copy", "--quiet", "--dest-tls-verify=false", "--dest-creds", "alice:s3cret",
+         f"oci:{layout}:v1", f"docker://{host}/private/app:v1"],
+        check=True,
+    )  # fmt: skip
+    ref = f"{host}/private/app:v1"
+    empty = tmp_path / "none"
+    empty.mkdir()
+    r = run_cli("convert", ref, env={"DOCKER_CONFIG": str(empty)})
+    assert r.code == 1 and "authentication required and no credentials" in r.err and "private/app" in r.err
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    r = run_cli("convert", ref, env=docker_config(wrong, host, "alice", "nope"))
+    assert r.code == 1 and "rejected the credentials" in r.err
+    right = tmp_path / "right"
+    right.mkdir()
+    env = docker_config(right, host, "alice", "s3cret")
+    r = run_cli("convert", ref, env=env)
+    assert r.code == 0, r.err
+    assert run_cli("check", ref + "_accelerated", env=env).code == 0
