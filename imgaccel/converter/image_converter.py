@@ -148,7 +148,7 @@ class ImageConverter:
     # -- per layer ------------------------------------------------------------------------
 
     async def _convert_layer(
-        self, repo: str, layer: oci.Descriptor, mode: Mode, result: ConvertResult
+        self, repo: str, layer: oci.Descriptor, diff_id: str, mode: Mode, result: ConvertResult
     ) -> oci.Descriptor:
         key = self.options.layer_key(mode)
         cached = await self.cache.lookup(key, layer.digest, repo)
@@ -163,7 +163,7 @@ class ImageConverter:
                 await self.client.download_blob(repo, layer.digest, src, layer.size, self.progress.on_bytes)
                 result.bytes_in += layer.size
                 async with self._cpu_slot:
-                    desc, upload = await asyncio.to_thread(self._convert_file, src, tmp, layer, mode)
+                    desc, upload = await asyncio.to_thread(self._convert_file, src, tmp, layer, diff_id, mode)
                 await self.client.upload_blob(repo, desc.digest, upload)
                 result.bytes_out += desc.size
         await self.cache.store(key, layer.digest, repo, desc)
@@ -171,19 +171,21 @@ class ImageConverter:
         self.progress.on_layer_done(layer.digest, False)
         return desc
 
-    def _convert_file(self, src: str, tmp: str, layer: oci.Descriptor, mode: Mode) -> tuple[oci.Descriptor, str]:
+    def _convert_file(
+        self, src: str, tmp: str, layer: oci.Descriptor, diff_id: str, mode: Mode
+    ) -> tuple[oci.Descriptor, str]:
         what = f"layer {layer.digest}"
         try:
             with open(src, "rb") as f:
                 encoding = check_encoding(f, layer.mediaType)
             if mode == "index":
                 try:
-                    built = build_seekable_index(src, encoding, layer.digest, self.options.span)
+                    built = build_seekable_index(src, encoding, layer.digest, diff_id, self.options.span)
                 except NotSeekableError:
                     if self.options.fallback != "full":
                         raise
                     log.info("%s is not seekable; storing a full-mode copy for lazy reads", what)
-                    return self._encode_full(src, tmp, layer, encoding)
+                    return self._encode_full(src, tmp, layer, diff_id, encoding)
                 data = li.encode_index_blob(built.index, built.windows)
                 out = os.path.join(tmp, "index")
                 with open(out, "wb") as f:
@@ -195,17 +197,19 @@ class ImageConverter:
                     annotations={li.ANN_LAYER_DIGEST: layer.digest},
                 )
                 return desc, out
-            return self._encode_full(src, tmp, layer, encoding)
+            return self._encode_full(src, tmp, layer, diff_id, encoding)
         except LayerError as e:
             raise ConversionError(f"{what}: {e}") from e
 
     def _encode_full(
-        self, src: str, tmp: str, layer: oci.Descriptor, encoding: li.Encoding
+        self, src: str, tmp: str, layer: oci.Descriptor, diff_id: str, encoding: li.Encoding
     ) -> tuple[oci.Descriptor, str]:
         out = os.path.join(tmp, "full")
         enc = encode_full_layer(
             src, encoding, out, self.options.compression, self.options.chunk_size, self.options.level
         )
+        if enc.index.diff_id != diff_id:
+            raise LayerError(f"uncompressed content hashes to {enc.index.diff_id}, but the config says {diff_id}")
         media_type = oci.LAYER_ZSTD if self.options.compression == "zstd" else li.LAYER_LZ4
         desc = oci.Descriptor(
             mediaType=media_type,
@@ -234,7 +238,10 @@ class ImageConverter:
     async def _layers(
         self, repo: str, image: _PlatformImage, mode: Mode, result: ConvertResult
     ) -> list[oci.Descriptor]:
-        tasks = [self._convert_layer(repo, layer, mode, result) for layer in image.parsed.layers]
+        tasks = [
+            self._convert_layer(repo, layer, diff_id, mode, result)
+            for layer, diff_id in zip(image.parsed.layers, image.config.rootfs.diff_ids, strict=True)
+        ]
         return list(await asyncio.gather(*tasks))
 
     async def _index_artifact(self, ref: ImageRef, image: _PlatformImage, result: ConvertResult) -> oci.Descriptor:

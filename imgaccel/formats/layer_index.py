@@ -24,6 +24,7 @@ layout is specified in docs/FORMAT.md; this module is its executable form.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from bisect import bisect_right
 from typing import Literal
@@ -52,6 +53,7 @@ ANN_UNCOMPRESSED_SIZE = "io.imgaccel.uncompressed.size"
 INDEX_MAGIC = b"IMGACCIX"
 _HEADER = struct.Struct("<8sIIQQ")
 GZIP_WINDOW_SIZE = 32768
+BLOCK_SIZE = 1 << 20  # granularity of Chunk.blocks
 
 Encoding = Literal["tar", "gzip", "zstd", "lz4"]
 EntryType = Literal["reg", "dir", "symlink", "hardlink", "char", "block", "fifo"]
@@ -89,6 +91,10 @@ class Chunk(BaseModel):
     ``[u_offset, u_offset + u_size)``, and check their sha256 against ``digest``.
     gzip: ``bits`` > 0 means the chunk starts at the top ``bits`` bits of the first fetched
     byte (zran's convention); ``window`` is the id of the 32 KiB preset dictionary, -1 none.
+    ``blocks`` (index-only mode): sha256 hex of each ``BLOCK_SIZE`` piece of the uncompressed
+    bytes, the last one shorter, so a reader may decode and verify only the prefix it needs.
+    ``digest`` is then ``block_list_digest(blocks)``: the sha256 of the concatenated binary
+    block digests. Without ``blocks`` (full mode), ``digest`` is the sha256 of the bytes.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -97,8 +103,14 @@ class Chunk(BaseModel):
     u_offset: int = Field(ge=0)
     u_size: int = Field(ge=0)
     digest: str
+    blocks: list[str] = []
     bits: int = Field(default=0, ge=0, le=7)
     window: int = -1
+
+
+def block_list_digest(blocks: list[str]) -> str:
+    """A chunk's digest when it carries block digests: sha256 of the binary digests in order."""
+    return "sha256:" + hashlib.sha256(b"".join(bytes.fromhex(b) for b in blocks)).hexdigest()
 
 
 class LayerIndex(BaseModel):
@@ -132,6 +144,10 @@ class LayerIndex(BaseModel):
         """Chunks must tile ``[0, uncompressed_size)`` in order; entries must lie inside it."""
         pos = 0
         for i, c in enumerate(self.chunks):
+            if c.blocks and len(c.blocks) != -(-c.u_size // BLOCK_SIZE):
+                raise IndexFormatError(f"chunk {i} has {len(c.blocks)} block digests for {c.u_size} bytes")
+            if c.blocks and c.digest != block_list_digest(c.blocks):
+                raise IndexFormatError(f"chunk {i} digest does not match its block digests")
             if c.u_offset != pos:
                 raise IndexFormatError(f"chunk {i} starts at {c.u_offset}, expected {pos}")
             if c.c_offset + c.c_size > self.blob_size:
@@ -148,7 +164,7 @@ def _json_bytes(index: LayerIndex) -> bytes:
     return index.model_dump_json(exclude_defaults=True).encode()
 
 
-def encode_index_json(index: LayerIndex, level: int = 19) -> bytes:
+def encode_index_json(index: LayerIndex, level: int = 9) -> bytes:
     """The zstd-compressed JSON of ``index`` (also the payload of full mode's TOC frame)."""
     return zstandard.ZstdCompressor(level=level).compress(_json_bytes(index))
 

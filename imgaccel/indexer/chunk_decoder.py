@@ -12,7 +12,7 @@ import hashlib
 import lz4.frame
 import zstandard
 
-from imgaccel.formats.layer_index import Chunk, Encoding
+from imgaccel.formats.layer_index import BLOCK_SIZE, Chunk, Encoding
 from imgaccel.indexer.raw_inflate import InflateError, inflate_from_checkpoint
 
 
@@ -20,28 +20,41 @@ class ChunkVerificationError(ValueError):
     """Chunk bytes did not decode, or decoded to bytes with the wrong digest."""
 
 
-def decode_chunk(encoding: Encoding, data: bytes, chunk: Chunk, window: bytes = b"") -> bytes:
+def decode_chunk(encoding: Encoding, data: bytes, chunk: Chunk, window: bytes = b"", upto: int | None = None) -> bytes:
+    """The chunk's uncompressed bytes, verified. With ``upto`` and block digests (gzip), only
+    the verified prefix covering ``[0, upto)``, rounded up to whole blocks, is decoded."""
+    want = chunk.u_size
+    if upto is not None and chunk.blocks:
+        want = min(chunk.u_size, -(-upto // BLOCK_SIZE) * BLOCK_SIZE)
     try:
         if encoding == "tar":
-            out = data
+            out = data[:want]
         elif encoding == "gzip":
-            out = inflate_from_checkpoint(data, chunk.bits, window, chunk.u_size)
+            out = inflate_from_checkpoint(data, chunk.bits, window, want)
         elif encoding == "zstd":
             reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=False)
-            parts, want = [], chunk.u_size + 1
-            while want > 0:
-                part = reader.read(want)
+            parts, left = [], want + 1 if want == chunk.u_size else want
+            while left > 0:
+                part = reader.read(left)
                 if not part:
                     break
                 parts.append(part)
-                want -= len(part)
+                left -= len(part)
             out = b"".join(parts)
         else:
             out = lz4.frame.LZ4FrameDecompressor().decompress(data, max_length=chunk.u_size + 1)
+            out = out[:want] if len(out) == chunk.u_size else out
     except (InflateError, zstandard.ZstdError, RuntimeError) as e:
         raise ChunkVerificationError(f"cannot decode: {e}") from e
-    if len(out) != chunk.u_size:
-        raise ChunkVerificationError(f"decoded {len(out)} bytes, expected {chunk.u_size}")
+    if len(out) != want:
+        raise ChunkVerificationError(f"decoded {len(out)} bytes, expected {want}")
+    if chunk.blocks:  # (the index checked that the block list hashes to chunk.digest)
+        view = memoryview(out)
+        for i in range(0, len(out), BLOCK_SIZE):
+            got = hashlib.sha256(view[i : i + BLOCK_SIZE]).hexdigest()
+            if got != chunk.blocks[i // BLOCK_SIZE]:
+                raise ChunkVerificationError(f"block {i // BLOCK_SIZE} digest mismatch: got sha256:{got}")
+        return out
     got = "sha256:" + hashlib.sha256(out).hexdigest()
     if got != chunk.digest:
         raise ChunkVerificationError(f"digest mismatch: got {got}, expected {chunk.digest}")

@@ -22,6 +22,7 @@ import zstandard
 
 from imgaccel.formats import toc
 from imgaccel.formats.layer_index import Chunk, Encoding, Entry, LayerIndex, encode_index_json
+from imgaccel.indexer.pending_bytes import PendingBytes
 from imgaccel.indexer.tar_walker import DigestSink, walk_tar
 from imgaccel.indexer.uncompressed_stream import open_uncompressed
 
@@ -96,14 +97,13 @@ class _FrameCutter(DigestSink):
         super().__init__()
         self._writer = writer
         self._chunk = chunk_size
-        self._buf = bytearray()
-        self._start = 0  # stream offset of _buf[0] == start of the open frame
+        self._pending = PendingBytes()  # starts at the open frame
         self._last_cut = 0  # latest allowed cut point at or before the received data
         self._cuts: deque[int] = deque()  # announced cut points not yet reached
 
     def write(self, data: bytes, offset: int) -> None:
         super().write(data, offset)
-        self._buf += data
+        self._pending.append(data)
         self._advance()
 
     def entry(self, entry: Entry, header_offset: int) -> None:
@@ -114,20 +114,16 @@ class _FrameCutter(DigestSink):
         self._advance()
 
     def _advance(self) -> None:
-        end = self._start + len(self._buf)
-        while self._cuts and self._cuts[0] <= end:
+        while self._cuts and self._cuts[0] <= self._pending.end:
             c = self._cuts.popleft()
-            if c - self._start > self._chunk and self._last_cut > self._start:
+            if c - self._pending.start > self._chunk and self._last_cut > self._pending.start:
                 self._emit(self._last_cut)
             self._last_cut = c
 
     def _emit(self, upto: int) -> None:
-        n = upto - self._start
-        if n <= 0:
-            return
-        self._writer.submit(self._start, bytes(self._buf[:n]))
-        del self._buf[:n]
-        self._start = upto
+        start = self._pending.start
+        if upto > start:
+            self._writer.submit(start, self._pending.take(upto))
 
     def finish(self, total: int) -> None:
         self._cuts.append(total)

@@ -17,8 +17,9 @@ from typing import BinaryIO
 
 import zstandard
 
-from imgaccel.formats.layer_index import Chunk, Encoding, Entry, LayerIndex
+from imgaccel.formats.layer_index import BLOCK_SIZE, Chunk, Encoding, Entry, LayerIndex, block_list_digest
 from imgaccel.indexer.errors import LayerError, NotSeekableError
+from imgaccel.indexer.pending_bytes import PendingBytes
 from imgaccel.indexer.raw_inflate import InflateError, inflate_from_checkpoint
 from imgaccel.indexer.tar_walker import DigestSink, walk_tar
 from imgaccel.indexer.uncompressed_stream import GzipCheckpoint, GzipStream, UncompressedStream, open_uncompressed
@@ -26,6 +27,7 @@ from imgaccel.indexer.zstd_frames import zstd_frames
 
 # Unknown checkpoint boundaries may hold back at most this much data for hashing.
 MAX_PENDING = 512 << 20
+DECODE_CHUNK = 2 << 20
 
 
 @dataclass
@@ -35,49 +37,68 @@ class SeekableIndex:
 
 
 class _SpanDigests(DigestSink):
-    """diff_id + entries + sha256 of every span between boundaries known only as we go."""
+    """Entries + sha256 of every span between boundaries that become known only as we go,
+    and of every ``BLOCK_SIZE`` piece of each span (so readers can verify a prefix)."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._buf = bytearray()
-        self._buf_start = 0
-        self.digests: dict[int, tuple[int, str]] = {}  # span start -> (size, digest)
+    def __init__(self, min_span: int = 0) -> None:
+        super().__init__(hash_stream=False)  # index mode takes the diff_id from the config
+        self._min_span = min_span
+        self._pending = PendingBytes()
+        self.digests: dict[int, tuple[int, str, list[str]]] = {}  # span start -> (size, digest, blocks)
 
     def write(self, data: bytes, offset: int) -> None:
-        super().write(data, offset)
-        self._buf += data
-        if len(self._buf) > MAX_PENDING:
+        self._pending.append(data)
+        if len(self._pending) > MAX_PENDING:
             raise LayerError("gzip checkpoints lag too far behind the decoder")
 
-    @property
-    def pending_end(self) -> int:
-        return self._buf_start + len(self._buf)
+    def cut(self, boundaries: list[int], final: bool = False) -> None:
+        """Close every span whose end boundary is now known and fully received.
 
-    def cut(self, boundaries: list[int]) -> None:
-        """Close every span whose end boundary is now known and fully received."""
-        for b in boundaries:
-            if b <= self._buf_start:
+        Spans shorter than ``min_span`` are extended to a later boundary (greedily, so the
+        choice depends only on the sorted boundaries), except the ``final`` one.
+        """
+        for i, b in enumerate(boundaries):
+            start = self._pending.start
+            if b <= start:
                 continue
-            if b > self.pending_end:
+            if b > self._pending.end:
                 break
-            n = b - self._buf_start
-            self.digests[self._buf_start] = (n, "sha256:" + hashlib.sha256(self._buf[:n]).hexdigest())
-            del self._buf[:n]
-            self._buf_start = b
+            if b - start < self._min_span and not (final and i == len(boundaries) - 1):
+                continue
+            block, blocks = hashlib.sha256(), []
+            filled = 0
+            for piece in self._pending.pieces(b):
+                while piece:
+                    take = min(len(piece), BLOCK_SIZE - filled)
+                    block.update(piece[:take])
+                    filled += take
+                    piece = piece[take:]
+                    if filled == BLOCK_SIZE:
+                        blocks.append(block.hexdigest())
+                        block, filled = hashlib.sha256(), 0
+            if filled:
+                blocks.append(block.hexdigest())
+            self.digests[start] = (b - start, block_list_digest(blocks), blocks)
 
 
 def _fixed_chunks(sink: _SpanDigests, total: int, span: int) -> None:
     sink.cut([*range(span, total, span), total])
 
 
-def build_seekable_index(path: str, encoding: Encoding, blob_digest: str, span: int = 4 << 20) -> SeekableIndex:
-    """Read the blob at ``path`` once and return its index (and gzip windows)."""
+def build_seekable_index(
+    path: str, encoding: Encoding, blob_digest: str, diff_id: str, span: int = 4 << 20
+) -> SeekableIndex:
+    """Read the blob at ``path`` once and return its index (and gzip windows).
+
+    ``diff_id`` (from the image config) is recorded, not recomputed: the blob's own digest
+    was verified on download, which pins every uncompressed byte.
+    """
     size = os.path.getsize(path)
-    sink = _SpanDigests()
+    sink = _SpanDigests(min_span=span if encoding == "gzip" else 0)
     if encoding == "gzip":
-        return _gzip_index(path, blob_digest, size, span, sink)
+        return _gzip_index(path, blob_digest, diff_id, size, span, sink)
     if encoding == "zstd":
-        return _zstd_index(path, blob_digest, size, span, sink)
+        return _zstd_index(path, blob_digest, diff_id, size, span, sink)
     if encoding != "tar":
         raise LayerError(f"index-only mode cannot index {encoding} layers")
     stream = open_uncompressed(path, "tar")
@@ -86,8 +107,11 @@ def build_seekable_index(path: str, encoding: Encoding, blob_digest: str, span: 
     finally:
         stream.close()
     _fixed_chunks(sink, total, span)
-    chunks = [Chunk(c_offset=u, c_size=n, u_offset=u, u_size=n, digest=d) for u, (n, d) in sorted(sink.digests.items())]
-    return SeekableIndex(_make_index("tar", blob_digest, size, total, chunks, sink.entries, sink))
+    chunks = [
+        Chunk(c_offset=u, c_size=n, u_offset=u, u_size=n, digest=d, blocks=b)
+        for u, (n, d, b) in sorted(sink.digests.items())
+    ]
+    return SeekableIndex(_make_index("tar", blob_digest, size, total, chunks, sink.entries, diff_id))
 
 
 def _walk_with_cuts(stream: UncompressedStream, sink: _SpanDigests, boundaries: Callable[[], list[int]]) -> int:
@@ -110,26 +134,29 @@ def _walk_with_cuts(stream: UncompressedStream, sink: _SpanDigests, boundaries: 
     return walk_tar(stream, _CuttingSink())
 
 
-def _gzip_index(path: str, blob_digest: str, size: int, span: int, sink: _SpanDigests) -> SeekableIndex:
-    stream = GzipStream(path, span)
+def _gzip_index(path: str, blob_digest: str, diff_id: str, size: int, span: int, sink: _SpanDigests) -> SeekableIndex:
+    # rapidgzip decodes (and reports boundaries) every DECODE_CHUNK bytes or so; the sink
+    # keeps a boundary about every ``span`` bytes. Smaller decode chunks bound its memory.
+    stream = GzipStream(path, min(span, DECODE_CHUNK))
     try:
         total = _walk_with_cuts(stream, sink, stream.known_boundaries)
         points = stream.checkpoints()
     finally:
         stream.close()
     _verify_gzip_end(path, points, total)
-    bounds = [p.u_offset for p in points if p.u_offset > 0]
-    sink.cut([*bounds, total])
+    sink.cut([*(p.u_offset for p in points if 0 < p.u_offset < total), total], final=True)
+    by_u = {p.u_offset: p for p in points}
+    starts = sorted(sink.digests)
     windows: list[bytes] = []
     chunks: list[Chunk] = []
-    for i, p in enumerate(points):
-        u_end = points[i + 1].u_offset if i + 1 < len(points) else total
-        if u_end == p.u_offset:
-            continue  # an empty span (e.g. an empty trailing member)
-        if p.u_offset not in sink.digests or sink.digests[p.u_offset][0] != u_end - p.u_offset:
-            raise LayerError(f"gzip checkpoint at uncompressed offset {p.u_offset} was not hashed")
+    for i, u in enumerate(starts):
+        p = by_u.get(u)
+        if p is None:
+            raise LayerError(f"no gzip checkpoint at uncompressed offset {u}")
+        u_size, digest, blocks = sink.digests[u]
+        nxt = by_u[starts[i + 1]] if i + 1 < len(starts) else None
         c_start = p.c_offset - 1 if p.bits else p.c_offset
-        c_end = min(points[i + 1].c_offset + 1, size) if i + 1 < len(points) else size
+        c_end = min(nxt.c_offset + 1, size) if nxt else size
         wid = -1
         if p.window:
             wid = len(windows)
@@ -138,14 +165,15 @@ def _gzip_index(path: str, blob_digest: str, size: int, span: int, sink: _SpanDi
             Chunk(
                 c_offset=c_start,
                 c_size=c_end - c_start,
-                u_offset=p.u_offset,
-                u_size=u_end - p.u_offset,
-                digest=sink.digests[p.u_offset][1],
+                u_offset=u,
+                u_size=u_size,
+                digest=digest,
+                blocks=blocks,
                 bits=p.bits,
                 window=wid,
             )
         )
-    return SeekableIndex(_make_index("gzip", blob_digest, size, total, chunks, sink.entries, sink), windows)
+    return SeekableIndex(_make_index("gzip", blob_digest, size, total, chunks, sink.entries, diff_id), windows)
 
 
 def _verify_gzip_end(path: str, points: list[GzipCheckpoint], total: int) -> None:
@@ -206,7 +234,7 @@ class _FrameStream:
         self._f.close()
 
 
-def _zstd_index(path: str, blob_digest: str, size: int, span: int, sink: _SpanDigests) -> SeekableIndex:
+def _zstd_index(path: str, blob_digest: str, diff_id: str, size: int, span: int, sink: _SpanDigests) -> SeekableIndex:
     frames = zstd_frames(path)
     stream = _FrameStream(path, frames)
     try:
@@ -227,9 +255,10 @@ def _zstd_index(path: str, blob_digest: str, size: int, span: int, sink: _SpanDi
     u = 0
     for (off, csize), n in zip(frames, stream.sizes, strict=True):
         if n:
-            chunks.append(Chunk(c_offset=off, c_size=csize, u_offset=u, u_size=n, digest=sink.digests[u][1]))
+            _, digest, blocks = sink.digests[u]
+            chunks.append(Chunk(c_offset=off, c_size=csize, u_offset=u, u_size=n, digest=digest, blocks=blocks))
         u += n
-    return SeekableIndex(_make_index("zstd", blob_digest, size, total, chunks, sink.entries, sink))
+    return SeekableIndex(_make_index("zstd", blob_digest, size, total, chunks, sink.entries, diff_id))
 
 
 def _running_ends(sizes: list[int]) -> list[int]:
@@ -247,13 +276,13 @@ def _make_index(
     total: int,
     chunks: list[Chunk],
     entries: list[Entry],
-    sink: DigestSink,
+    diff_id: str,
 ) -> LayerIndex:
     index = LayerIndex(
         encoding=encoding,
         blob_digest=blob_digest,
         blob_size=size,
-        diff_id=sink.diff_id(),
+        diff_id=diff_id,
         uncompressed_size=total,
         chunks=chunks,
         entries=entries,

@@ -1,10 +1,11 @@
 """Walk a tar stream once, in order, reporting every byte and every entry.
 
-``walk_tar`` reads the uncompressed stream through ``tarfile`` in streaming mode, hands
-every byte it reads (headers, data, padding, and the end-of-archive trailer) to a
-``StreamSink`` and every entry, as a ``formats.layer_index.Entry`` with the offset of its data
-in the stream, to the same sink. Names are recorded as the archive states them; hostile
-names are data here and are neutralized by the reader, which never resolves outside the image.
+``walk_tar`` pulls the uncompressed stream in large blocks and hands each block (headers,
+data, padding, and the end-of-archive trailer) to a ``StreamSink``; ``tarfile`` parses the
+headers and seeks over the data. Every entry goes to the same sink, as a
+``formats.layer_index.Entry`` with the offset of its data in the stream. Names are recorded
+as the archive states them; hostile names are data here and are neutralized by the reader,
+which never resolves outside the image.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import tarfile
+from collections import deque
 from typing import Protocol
 
 from imgaccel.formats.layer_index import Entry, EntryType
 from imgaccel.indexer.errors import LayerError
 from imgaccel.indexer.uncompressed_stream import UncompressedStream
 
-READ_SIZE = 1 << 20
+READ_SIZE = 4 << 20
 
 _TYPES: dict[bytes, EntryType] = {
     tarfile.REGTYPE: "reg",
@@ -41,34 +43,73 @@ class StreamSink(Protocol):
         """An entry whose first header block starts at ``header_offset``."""
 
 
-class _Tee:
-    """File-like view of the stream that shows each byte to the sink once."""
+class _ForwardReader:
+    """A forward-seekable file over the stream, for ``tarfile``'s seekable ``r:`` mode.
+
+    tarfile then reads only headers and seeks over file data, so data bytes never pass
+    through Python-level copies: each block pulled from the stream goes to the sink whole.
+    The last two blocks stay available because tarfile steps back one byte to detect a
+    truncated member.
+    """
 
     def __init__(self, stream: UncompressedStream, sink: StreamSink) -> None:
         self._stream = stream
         self._sink = sink
-        self.pos = 0
-        self._recent: list[tuple[int, bytes]] = []  # the last reads: tarfile reads ahead
+        self._blocks: deque[tuple[int, bytes]] = deque(maxlen=2)
+        self._pos = 0
+        self.end = 0  # stream bytes pulled so far
 
-    def read(self, n: int = READ_SIZE) -> bytes:
-        data = self._stream.read(n)
-        if data:
-            self._sink.write(data, self.pos)
-            self._recent = [*self._recent[-2:], (self.pos, data)]
-            self.pos += len(data)
-        return data
+    def _pull(self) -> bool:
+        data = self._stream.read(READ_SIZE)
+        if not data:
+            return False
+        self._sink.write(data, self.end)
+        self._blocks.append((self.end, data))
+        self.end += len(data)
+        return True
 
-    def nonzero_after(self, offset: int) -> int | None:
-        """Offset of the first non-zero byte at or after ``offset`` among recent reads."""
-        for start, data in self._recent:
-            skip = max(offset - start, 0)
-            if skip >= len(data):
-                continue
-            rest = data[skip:]
-            stripped = rest.lstrip(b"\0")
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if whence == 1:
+            pos += self._pos
+        elif whence != 0:
+            raise OSError("the layer stream cannot seek from its end")
+        if self._blocks and pos < self._blocks[0][0]:
+            raise OSError(f"cannot seek back to offset {pos} in the layer stream")
+        self._pos = pos
+        return pos
+
+    def read(self, n: int = -1) -> bytes:
+        out: list[bytes] = []
+        while n != 0:
+            while self._pos >= self.end:
+                if not self._pull():
+                    return b"".join(out)
+            for start, block in self._blocks:
+                if start <= self._pos < start + len(block):
+                    off = self._pos - start
+                    take = len(block) - off if n < 0 else min(n, len(block) - off)
+                    out.append(block[off : off + take])
+                    self._pos += take
+                    n = n - take if n > 0 else n
+                    break
+            else:
+                raise OSError(f"offset {self._pos} of the layer stream is no longer available")
+        return b"".join(out)
+
+    def first_nonzero(self, offset: int) -> int | None:
+        """Offset of the first non-zero byte from ``offset`` to the end of the stream."""
+        self.seek(max(offset, self._blocks[0][0] if self._blocks else 0))
+        while True:
+            pos = self._pos
+            data = self.read(READ_SIZE)
+            if not data:
+                return None
+            stripped = data.lstrip(b"\0")
             if stripped:
-                return start + skip + len(rest) - len(stripped)
-        return None
+                return pos + len(data) - len(stripped)
 
 
 def to_entry(ti: tarfile.TarInfo) -> Entry:
@@ -103,10 +144,10 @@ def to_entry(ti: tarfile.TarInfo) -> Entry:
 
 def walk_tar(stream: UncompressedStream, sink: StreamSink) -> int:
     """Read the whole stream; returns its length. Raises ``LayerError`` on a bad archive."""
-    tee = _Tee(stream, sink)
+    reader = _ForwardReader(stream, sink)
     try:
-        tf = tarfile.open(fileobj=tee, mode="r|", bufsize=READ_SIZE)  # type: ignore[call-overload]  # noqa: SIM115
-    except tarfile.TarError as e:
+        tf = tarfile.open(fileobj=reader, mode="r:")  # type: ignore[call-overload]  # noqa: SIM115
+    except (tarfile.TarError, OSError) as e:
         raise LayerError(f"not a tar archive: {e}") from e
     last_end = 0
     last: Entry | None = None
@@ -115,29 +156,22 @@ def walk_tar(stream: UncompressedStream, sink: StreamSink) -> int:
             ti = tf.next()
             if ti is None:
                 break
-            tf.members.clear()  # stream mode keeps every TarInfo otherwise
+            tf.members.clear()  # TarFile keeps every TarInfo otherwise
             entry = to_entry(ti)
             if entry.type == "reg":
                 last_end = max(last_end, entry.offset + entry.size)
             last = entry
             sink.entry(entry, ti.offset)
-    except tarfile.TarError as e:
-        if last is not None and last.offset + last.size > tee.pos:
-            raise LayerError(_past_end(last, tee.pos)) from e
-        raise LayerError(f"corrupt tar stream at offset {tee.pos}: {e}") from e
-    end_of_entries = tf.offset
-    garbage = tee.nonzero_after(end_of_entries)
-    while garbage is None:
-        start = tee.pos
-        data = tee.read(READ_SIZE)
-        if not data:
-            break
-        garbage = tee.nonzero_after(start)
+    except (tarfile.TarError, OSError) as e:
+        if last is not None and last.offset + last.size > reader.end:
+            raise LayerError(_past_end(last, reader.end)) from e
+        raise LayerError(f"corrupt tar stream at offset {reader.tell()}: {e}") from e
+    garbage = reader.first_nonzero(tf.offset)
     if garbage is not None:
         raise LayerError(f"invalid tar header or trailing data at offset {garbage}")
-    if last is not None and last_end > tee.pos:
-        raise LayerError(_past_end(last, tee.pos))
-    return tee.pos
+    if last is not None and last_end > reader.end:
+        raise LayerError(_past_end(last, reader.end))
+    return reader.end
 
 
 def _past_end(entry: Entry, stream_end: int) -> str:
@@ -148,17 +182,20 @@ def _past_end(entry: Entry, stream_end: int) -> str:
 
 
 class DigestSink:
-    """sha256 of the whole stream (the layer's diff_id) and the list of entries."""
+    """The list of entries and, with ``hash_stream``, the sha256 of the whole stream (diff_id)."""
 
-    def __init__(self) -> None:
-        self._h = hashlib.sha256()
+    def __init__(self, hash_stream: bool = True) -> None:
+        self._h = hashlib.sha256() if hash_stream else None
         self.entries: list[Entry] = []
 
     def write(self, data: bytes, offset: int) -> None:
-        self._h.update(data)
+        if self._h is not None:
+            self._h.update(data)
 
     def entry(self, entry: Entry, header_offset: int) -> None:
         self.entries.append(entry)
 
     def diff_id(self) -> str:
+        if self._h is None:
+            raise RuntimeError("this sink does not hash the stream")
         return "sha256:" + self._h.hexdigest()

@@ -60,7 +60,8 @@ class LayerReader:
         """``length`` bytes of the uncompressed tar at ``offset`` (short at the end)."""
         end = min(offset + length, self.index.uncompressed_size)
         positions = self.index.chunk_range(offset, end)
-        chunks = await self._chunks(positions)
+        needed = {p: min(end - self.index.chunks[p].u_offset, self.index.chunks[p].u_size) for p in positions}
+        chunks = await self._chunks(needed)
         parts = []
         for pos in positions:
             c = self.index.chunks[pos]
@@ -70,12 +71,13 @@ class LayerReader:
             parts.append(data[lo:hi])
         return b"".join(parts)
 
-    async def _chunks(self, positions: list[int]) -> dict[int, bytes]:
+    async def _chunks(self, needed: dict[int, int]) -> dict[int, bytes]:
+        """Decoded, verified bytes of each chunk position, at least ``needed[p]`` of them."""
         out: dict[int, bytes] = {}
         async with self._lock:
             missing = []
-            for p in positions:
-                if p in self._cache:
+            for p in needed:
+                if p in self._cache and len(self._cache[p]) >= needed[p]:
                     self._cache.move_to_end(p)
                     out[p] = self._cache[p]
                 else:
@@ -96,7 +98,9 @@ class LayerReader:
                     piece = data[c.c_offset - start : c.c_offset - start + c.c_size]
                     window = self.windows[c.window] if c.window >= 0 else b""
                     try:
-                        decoded = await asyncio.to_thread(decode_chunk, self.index.encoding, piece, c, window)
+                        decoded = await asyncio.to_thread(
+                            decode_chunk, self.index.encoding, piece, c, window, needed[p]
+                        )
                     except ChunkVerificationError as e:
                         raise ChunkReadError(
                             f"{self.repo}@{self.blob_digest}: chunk {p} (uncompressed {c.u_offset}-"
