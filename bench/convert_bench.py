@@ -93,7 +93,9 @@ async def push_layer(host: str, repo: str, blob_path: Path, diff_id: str) -> Non
         while block := f.read(1 << 20):
             h.update(block)
     digest = "sha256:" + h.hexdigest()
-    config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": [diff_id]}}).encode()
+    config = json.dumps(
+        {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": [diff_id]}}
+    ).encode()
     async with RegistryClient(host) as client:
         await client.upload_blob(repo, digest, str(blob_path))
         await client.upload_blob(repo, oci.sha256_digest(config), config)
@@ -204,13 +206,14 @@ def main() -> None:
             f"random 64 KiB read, full:       median {reads_full['median_ms']:.1f} ms, p99 {reads_full['p99_ms']:.1f} ms, "
             f"{reads_full['bytes_per_read'] / 1024:.0f} KiB fetched/read"
         )
-        print(f"index-only median / full median            {reads_index['median_ms'] / reads_full['median_ms']:6.2f}   (target <= 2.0)")
+        print(
+            f"index-only median / full median            {reads_index['median_ms'] / reads_full['median_ms']:6.2f}   (target <= 2.0)"
+        )
         print(f"peak RSS: index {rss_index / 1e6:.0f} MB, full {rss_full / 1e6:.0f} MB")
     finally:
         if reg is not None:
             reg.stop()
         shutil.rmtree(work, ignore_errors=True)
-
 
 
 if __name__ == "__main__":

@@ -117,6 +117,8 @@ platform_opt = click.option("--platform", help="os/arch[/variant] to read (defau
 )
 @click.option("--fallback", type=click.Choice(["none", "full"]), default="none", show_default=True,
               help="Index mode: store a full-mode copy of layers that cannot be indexed.")  # fmt: skip
+@click.option("--gzip-threads", type=click.IntRange(1, 16), default=1, show_default=True,
+              help="Index mode: threads inflating a gzip layer (2: ~20% faster, ~100 MB more memory).")  # fmt: skip
 @click.option("--platform", "platforms", multiple=True, help="Convert only these platforms (repeatable).")
 @click.option(
     "--cache-repo",
@@ -128,7 +130,7 @@ platform_opt = click.option("--platform", help="os/arch[/variant] to read (defau
 @click.option("--workdir", type=click.Path(file_okay=False), help="Directory for temporary files.")
 @plain_http_opt
 def convert(refs: tuple[str, ...], mode: str, from_file: Any, jobs: int, tag_suffix: str | None, compression: str,
-            level: int | None, chunk_size: int, span: int, fallback: str, platforms: tuple[str, ...],
+            level: int | None, chunk_size: int, span: int, fallback: str, gzip_threads: int, platforms: tuple[str, ...],
             cache_repo: str, no_cache: bool, workdir: str | None, plain_http: bool) -> None:  # fmt: skip
     """Convert images; prints 'SOURCE -> TARGET@DIGEST' per image."""
     texts = list(refs)
@@ -145,6 +147,7 @@ def convert(refs: tuple[str, ...], mode: str, from_file: Any, jobs: int, tag_suf
         chunk_size=chunk_size,
         level=level,
         fallback=fallback,  # type: ignore[arg-type]
+        gzip_threads=gzip_threads,
         platforms=platforms,
         cache_repo=None if no_cache else cache_repo,
         workdir=workdir,
@@ -176,6 +179,11 @@ async def _convert_all(refs: list[ImageRef], options: ConvertOptions, jobs: int,
                 except FAILURES as e:
                     all_ok = False
                     _fail(f"{ref}: {e}" if str(ref) not in str(e) else str(e))
+                    return
+                except Exception as e:  # a bug: still one line, traceback with -v
+                    all_ok = False
+                    logging.getLogger(__name__).debug("internal error", exc_info=True)
+                    _fail(f"{ref}: internal error: {type(e).__name__}: {e} (run with -vv for details)")
                     return
                 finally:
                     bars.remove_task(task)
@@ -220,6 +228,10 @@ def _with_image(ref_text: str, plain_http: bool, platform: str | None,
         code = _run(go())
     except FAILURES as e:
         _fail(str(e))
+        sys.exit(1)
+    except Exception as e:  # a bug: still one line, traceback with -vv
+        logging.getLogger(__name__).debug("internal error", exc_info=True)
+        _fail(f"{ref}: internal error: {type(e).__name__}: {e} (run with -vv for details)")
         sys.exit(1)
     sys.exit(code)
 

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -160,19 +161,69 @@ class ImageConverter:
             self.progress.on_layer_start(layer.digest, layer.size)
             with tempfile.TemporaryDirectory(prefix="imgaccel-", dir=self.options.workdir) as tmp:
                 src = os.path.join(tmp, "layer")
+                t0 = time.monotonic()
                 await self.client.download_blob(repo, layer.digest, src, layer.size, self.progress.on_bytes)
                 result.bytes_in += layer.size
+                t1 = time.monotonic()
                 async with self._cpu_slot:
-                    desc, upload = await asyncio.to_thread(self._convert_file, src, tmp, layer, diff_id, mode)
-                await self.client.upload_blob(repo, desc.digest, upload)
+                    if mode == "full":
+                        desc = await self._full_streamed(repo, src, tmp, layer, diff_id)
+                    else:
+                        desc, upload = await asyncio.to_thread(self._convert_file, src, tmp, layer, diff_id, mode)
+                t2 = time.monotonic()
+                if mode != "full":
+                    await self.client.upload_blob(repo, desc.digest, upload)
                 result.bytes_out += desc.size
+                log.info(
+                    "layer %s: download %.2fs, %s %.2fs, upload %.2fs (%d -> %d bytes)",
+                    layer.digest, t1 - t0, mode, t2 - t1, time.monotonic() - t2, layer.size, desc.size,
+                )  # fmt: skip
         await self.cache.store(key, layer.digest, repo, desc)
         result.layers_converted += 1
         self.progress.on_layer_done(layer.digest, False)
         return desc
 
+    async def _full_streamed(
+        self, repo: str, src: str, tmp: str, layer: oci.Descriptor, diff_id: str
+    ) -> oci.Descriptor:
+        """Full mode, uploading the new blob while it is being encoded (falls back to a plain
+        upload once encoding is done if the streamed session fails). Nothing references the
+        blob until its digest is committed and re-checked."""
+        out = os.path.join(tmp, "full")
+        open(out, "wb").close()
+        written = 0
+        finished = asyncio.Event()
+
+        def on_output(n: int) -> None:
+            nonlocal written
+            written = n
+
+        uploader = asyncio.create_task(self.client.upload_growing_file(repo, out, lambda: written, finished))
+        try:
+            desc, _ = await asyncio.to_thread(self._convert_file, src, tmp, layer, diff_id, "full", on_output)
+        except BaseException:
+            uploader.cancel()
+            await asyncio.gather(uploader, return_exceptions=True)
+            await self.client.cancel_upload(repo, out)
+            raise
+        finished.set()
+        try:
+            await uploader
+            await self.client.commit_upload(repo, out, desc.digest, desc.size)
+        except RegistryError as e:
+            log.warning("%s: streamed upload failed (%s); uploading the finished blob", layer.digest, e)
+            await self.client.cancel_upload(repo, out)
+            await self.client.upload_blob(repo, desc.digest, out)
+        return desc
+
     def _convert_file(
-        self, src: str, tmp: str, layer: oci.Descriptor, diff_id: str, mode: Mode
+        self,
+        src: str,
+        tmp: str,
+        layer: oci.Descriptor,
+        diff_id: str,
+        mode: Mode,
+        on_output: Callable[[int], None] | None = None,
     ) -> tuple[oci.Descriptor, str]:
         what = f"layer {layer.digest}"
         try:
@@ -180,7 +231,9 @@ class ImageConverter:
                 encoding = check_encoding(f, layer.mediaType)
             if mode == "index":
                 try:
-                    built = build_seekable_index(src, encoding, layer.digest, diff_id, self.options.span)
+                    built = build_seekable_index(
+                        src, encoding, layer.digest, diff_id, self.options.span, self.options.gzip_threads
+                    )
                 except NotSeekableError:
                     if self.options.fallback != "full":
                         raise
@@ -197,16 +250,28 @@ class ImageConverter:
                     annotations={li.ANN_LAYER_DIGEST: layer.digest},
                 )
                 return desc, out
-            return self._encode_full(src, tmp, layer, diff_id, encoding)
+            return self._encode_full(src, tmp, layer, diff_id, encoding, on_output)
         except LayerError as e:
             raise ConversionError(f"{what}: {e}") from e
 
     def _encode_full(
-        self, src: str, tmp: str, layer: oci.Descriptor, diff_id: str, encoding: li.Encoding
+        self,
+        src: str,
+        tmp: str,
+        layer: oci.Descriptor,
+        diff_id: str,
+        encoding: li.Encoding,
+        on_output: Callable[[int], None] | None = None,
     ) -> tuple[oci.Descriptor, str]:
         out = os.path.join(tmp, "full")
         enc = encode_full_layer(
-            src, encoding, out, self.options.compression, self.options.chunk_size, self.options.level
+            src,
+            encoding,
+            out,
+            self.options.compression,
+            self.options.chunk_size,
+            self.options.level,
+            on_output=on_output,
         )
         if enc.index.diff_id != diff_id:
             raise LayerError(f"uncompressed content hashes to {enc.index.diff_id}, but the config says {diff_id}")

@@ -25,6 +25,7 @@ class ConvertOptions:
     platforms: tuple[str, ...] = ()  # e.g. ("linux/amd64",); empty: all
     cache_repo: str | None = DEFAULT_CACHE_REPO  # registry-side record of converted layers
     layer_jobs: int = 2  # layers of one image converted at once
+    gzip_threads: int = 1  # index mode: parallel gzip inflate (2: ~20% faster, ~100 MB more memory)
     workdir: str | None = None  # temp files; default: the system temp dir
 
     @property

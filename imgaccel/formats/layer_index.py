@@ -193,7 +193,7 @@ def encode_index_blob(index: LayerIndex, windows: list[bytes]) -> bytes:
     if windows:
         if any(len(w) != index.window_size for w in windows):
             raise ValueError("every window must be window_size bytes")
-        ws = zstandard.ZstdCompressor(level=19).compress(b"".join(windows))
+        ws = zstandard.ZstdCompressor(level=9).compress(b"".join(windows))
     return _HEADER.pack(INDEX_MAGIC, FORMAT_VERSION, 0, len(js), len(ws)) + js + ws
 
 

@@ -13,6 +13,7 @@ import hashlib
 import os
 import threading
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO, Literal
@@ -27,6 +28,7 @@ from imgaccel.indexer.tar_walker import DigestSink, walk_tar
 from imgaccel.indexer.uncompressed_stream import open_uncompressed
 
 Compression = Literal["zstd", "lz4"]
+OutputFn = Callable[[int], None]
 MAX_IN_FLIGHT = 6
 
 
@@ -43,8 +45,11 @@ class FullLayer:
 class _FrameWriter:
     """Compresses frames on a pool and appends them to ``out`` in order."""
 
-    def __init__(self, out: BinaryIO, compression: Compression, level: int, threads: int) -> None:
+    def __init__(
+        self, out: BinaryIO, compression: Compression, level: int, threads: int, on_output: OutputFn | None
+    ) -> None:
         self._out = out
+        self._on_output = on_output
         self._compression = compression
         self._level = level
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="imgaccel-compress")
@@ -80,6 +85,9 @@ class _FrameWriter:
         self._out.write(data)
         self._hash.update(data)
         self.offset += len(data)
+        if self._on_output is not None:
+            self._out.flush()
+            self._on_output(self.offset)
 
     def flush(self) -> None:
         while self._pending:
@@ -139,13 +147,18 @@ def encode_full_layer(
     chunk_size: int = 4 << 20,
     level: int | None = None,
     threads: int | None = None,
+    on_output: OutputFn | None = None,
 ) -> FullLayer:
-    """Re-encode the blob at ``src_path`` into ``out_path``; returns its index and TOC location."""
+    """Re-encode the blob at ``src_path`` into ``out_path``; returns its index and TOC location.
+
+    ``on_output(n)`` is called (from this thread) whenever the first ``n`` bytes of
+    ``out_path`` are written and flushed, so a caller can upload while encoding runs.
+    """
     threads = threads or os.cpu_count() or 1
     if level is None:
         level = 3 if compression == "zstd" else 0
     with open(out_path, "wb") as out:
-        writer = _FrameWriter(out, compression, level, threads)
+        writer = _FrameWriter(out, compression, level, threads, on_output)
         cutter = _FrameCutter(writer, chunk_size)
         stream = open_uncompressed(src_path, src_encoding)
         try:

@@ -8,13 +8,12 @@ inflates with ISA-L on one thread (``open_uncompressed``), leaving the other cor
 from __future__ import annotations
 
 import io
-import os
 import struct
 import tempfile
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
-import isal.igzip
+import isal.igzip_threaded
 import lz4.frame
 import rapidgzip
 import zstandard
@@ -42,11 +41,9 @@ class GzipCheckpoint:
 class GzipStream:
     """Parallel gzip inflate of a local file, exposing its checkpoints."""
 
-    def __init__(self, path: str, span: int, threads: int | None = None) -> None:
+    def __init__(self, path: str, chunk_size: int, threads: int = 1) -> None:
         self._path = path
-        self._file = rapidgzip._RapidgzipFile(
-            path, parallelization=threads or min(os.cpu_count() or 1, 4), chunk_size=span
-        )
+        self._file = rapidgzip._RapidgzipFile(path, parallelization=threads, chunk_size=chunk_size)
 
     def read(self, n: int) -> bytes:
         buf = bytearray(n)
@@ -124,10 +121,10 @@ class _PlainReader:
 
 
 class _StrictGzipReader:
-    """Single-threaded gzip (ISA-L) that fails on truncation and CRC errors."""
+    """gzip (ISA-L) inflated on one background thread; fails on truncation and CRC errors."""
 
     def __init__(self, path: str) -> None:
-        self._f: BinaryIO = isal.igzip.open(path, "rb")  # type: ignore[no-untyped-call]
+        self._f: BinaryIO = isal.igzip_threaded.open(path, "rb", threads=1)  # type: ignore[no-untyped-call]
 
     def read(self, n: int) -> bytes:
         try:

@@ -10,6 +10,7 @@ honoured), 5xx and dropped connections are retried with exponential backoff and 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import hashlib
 import json
@@ -106,6 +107,7 @@ class RegistryClient:
         self._session: aiohttp.ClientSession | None = None
         self._auth = _TokenCache()
         self.range_unsupported = False  # set when the registry answered 200 to a Range GET
+        self._uploads: dict[str, str] = {}  # local file -> upload session location
 
     async def __aenter__(self) -> RegistryClient:
         self._session = aiohttp.ClientSession(
@@ -479,6 +481,76 @@ class RegistryClient:
                 await asyncio.sleep(self.retry.delay(attempt))
         if await self.blob_size(repo, digest) != size:
             raise RegistryError(f"{what}: upload finished but the registry does not hold {size} bytes")
+
+    async def upload_growing_file(
+        self, repo: str, path: str, written: Callable[[], int], finished: asyncio.Event, min_chunk: int = 8 << 20
+    ) -> None:
+        """Stream a file that another thread is still writing into an upload session.
+
+        PATCHes each new ``min_chunk`` bytes as ``written()`` grows, and everything left once
+        ``finished`` is set; the caller then calls ``commit_upload`` with the final digest.
+        Raises ``RegistryError`` if the session fails; the caller falls back to ``upload_blob``.
+        """
+        what = f"{self.registry}/{repo} (streamed upload)"
+        async with self.request(
+            "POST", f"/v2/{repo}/blobs/uploads/", scope=self.push_scope(repo), what=what, ok=(202,)
+        ) as resp:
+            self._uploads[path] = resp.headers["Location"]
+        sent = 0
+        with open(path, "rb") as f:
+            while True:
+                done = finished.is_set()
+                available = written()
+                if available - sent >= min_chunk or (done and available > sent):
+                    f.seek(sent)
+                    data = f.read(min(available - sent, 2 * min_chunk))
+                    async with self.request(
+                        "PATCH",
+                        self._uploads[path],
+                        scope=self.push_scope(repo),
+                        what=what,
+                        headers={
+                            "Content-Type": "application/octet-stream",
+                            "Content-Range": f"{sent}-{sent + len(data) - 1}",
+                            "Content-Length": str(len(data)),
+                        },
+                        data=data,
+                        ok=(202,),
+                        retry=False,
+                    ) as resp:
+                        self._uploads[path] = resp.headers["Location"]
+                    sent += len(data)
+                    continue
+                if done:
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(finished.wait(), 0.05)
+
+    async def commit_upload(self, repo: str, path: str, digest: str, size: int) -> None:
+        """Finish a ``upload_growing_file`` session as ``digest`` and check the result."""
+        location = self._uploads.pop(path)
+        sep = "&" if "?" in location else "?"
+        what = f"{self.registry}/{repo}@{digest}"
+        async with self.request(
+            "PUT", f"{location}{sep}{urlencode({'digest': digest})}", scope=self.push_scope(repo), what=what,
+            headers={"Content-Length": "0"}, ok=(201,), retry=False,
+        ):  # fmt: skip
+            pass
+        if await self.blob_size(repo, digest) != size:
+            raise RegistryError(f"{what}: streamed upload finished but the registry does not hold {size} bytes")
+
+    async def cancel_upload(self, repo: str, path: str) -> None:
+        """Abandon a streamed upload session (best effort)."""
+        location = self._uploads.pop(path, None)
+        if location is None:
+            return
+        try:
+            async with self.request(
+                "DELETE", location, scope=self.push_scope(repo), what=repo, ok=(204, 200, 404), retry=False
+            ):
+                pass
+        except (RegistryError, *_RETRY_EXCEPTIONS):
+            pass
 
     # -- referrers ------------------------------------------------------------------------
 
