@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-
 import json
 import os
 import random
@@ -198,17 +197,13 @@ def main() -> None:
         print(f"index size / gzip layer size               {100 * index_size / gz_size:6.3f}%  (target <= 0.5%)")
         print(f"full-mode size / gzip size                 {full_size / gz_size:6.3f}   (target <= 0.95)")
         print(f"full-mode time / (gzip -dc | zstd -3 -T2)  {t_full / t_gunzip_zstd:6.2f}   (target <= 1.0)")
-        print(
-            f"random 64 KiB read, index-only: median {reads_index['median_ms']:.1f} ms, p99 {reads_index['p99_ms']:.1f} ms, "
-            f"{reads_index['bytes_per_read'] / 1024:.0f} KiB fetched/read"
-        )
-        print(
-            f"random 64 KiB read, full:       median {reads_full['median_ms']:.1f} ms, p99 {reads_full['p99_ms']:.1f} ms, "
-            f"{reads_full['bytes_per_read'] / 1024:.0f} KiB fetched/read"
-        )
-        print(
-            f"index-only median / full median            {reads_index['median_ms'] / reads_full['median_ms']:6.2f}   (target <= 2.0)"
-        )
+        for label, r in (("index-only", reads_index), ("full      ", reads_full)):
+            print(
+                f"random 64 KiB read, {label}: median {r['median_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, "
+                f"{r['bytes_per_read'] / 1024:.0f} KiB fetched/read"
+            )
+        ratio = reads_index["median_ms"] / reads_full["median_ms"]
+        print(f"index-only median / full median            {ratio:6.2f}   (target <= 2.0)")
         print(f"peak RSS: index {rss_index / 1e6:.0f} MB, full {rss_full / 1e6:.0f} MB")
     finally:
         if reg is not None:

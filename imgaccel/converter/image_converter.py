@@ -41,6 +41,10 @@ class ConversionError(Exception):
     """One image could not be converted; the message names the object and the cause."""
 
 
+class NotConvertible(ConversionError):
+    """The reference is not something to convert (a Helm chart, a signature, our own output)."""
+
+
 @dataclass
 class Progress:
     """Callbacks the CLI and the service use to show progress (all optional)."""
@@ -100,9 +104,9 @@ class ImageConverter:
             ) from e
         if parsed.config.mediaType not in oci.IMAGE_CONFIG_TYPES:
             kind = parsed.artifactType or parsed.config.mediaType
-            raise ConversionError(f"{what}: not a container image (config media type {kind})")
+            raise NotConvertible(f"{what}: not a container image (config media type {kind})")
         if parsed.annotations and li.ANN_MODE in parsed.annotations:
-            raise ConversionError(f"{what}: already an imgaccel {parsed.annotations[li.ANN_MODE]} image")
+            raise NotConvertible(f"{what}: already an imgaccel {parsed.annotations[li.ANN_MODE]} image")
         for layer in parsed.layers:
             try:
                 declared_encoding(layer.mediaType)
@@ -365,12 +369,13 @@ class ImageConverter:
 
     async def _convert(self, ref: ImageRef) -> ConvertResult:
         if ref.tag and ref.tag.endswith(self.options.suffix):
-            raise ConversionError(f"{ref}: already carries the suffix {self.options.suffix!r}")
+            raise NotConvertible(f"{ref}: already carries the suffix {self.options.suffix!r}")
         top, images = await self.resolve(ref)
-        target_tag = (ref.tag or top.digest.split(":")[1][:12]) + self.options.suffix
-        target = ref.with_tag(target_tag)
+        # A source named by digest only gets a target named by digest only: no invented tag.
+        target_tag = ref.tag + self.options.suffix if ref.tag else None
+        target = ref.with_tag(target_tag) if target_tag else ref
         result = ConvertResult(source=ref, target=target, digest="")
-        existing = await self._existing(target, top.digest)
+        existing = await self._existing(target, top.digest) if target_tag else None
         if existing:
             result.digest, result.up_to_date = existing, True
             return result
@@ -410,7 +415,11 @@ class ImageConverter:
             else:
                 got = await self.client.get_manifest(ref.repository, manifests[0].digest)
                 data, media_type = got.data, oci.OCI_MANIFEST
-        result.digest = await self.client.put_manifest(ref.repository, target_tag, data, media_type)
+        result.digest = await self.client.put_manifest(
+            ref.repository, target_tag or oci.sha256_digest(data), data, media_type
+        )
+        if not target_tag:
+            result.target = ref.with_digest(result.digest)
         return result
 
     async def _existing(self, target: ImageRef, source_digest: str) -> str | None:

@@ -88,6 +88,9 @@ class _SpanDigests(DigestSink):
             pieces = list(self._pending.pieces(b))
             self._spans[start] = (b - start, self._hasher.submit(_block_digests, pieces))
 
+    def span_starts(self) -> list[int]:
+        return sorted(self._spans)
+
     @property
     def digests(self) -> dict[int, tuple[int, str, list[str]]]:
         """span start -> (size, chunk digest, block digests); waits for the hashing."""
@@ -179,11 +182,13 @@ def _gzip_index(
     stream = GzipStream(path, min(span, DECODE_CHUNK), threads)
     try:
         total = _walk_with_cuts(stream, sink, stream.known_boundaries)
-        points = stream.checkpoints()
+        bounds = [u for u in stream.known_boundaries() if u < total]
+        sink.cut([*(u for u in bounds if u > 0), total], final=True)
+        keep = {*sink.span_starts(), max(bounds, default=0)}  # the last span is decoded once more below
+        points = stream.checkpoints(keep.__contains__)
     finally:
         stream.close()
     _verify_gzip_end(path, points, total)
-    sink.cut([*(p.u_offset for p in points if 0 < p.u_offset < total), total], final=True)
     by_u = {p.u_offset: p for p in points}
     digests = sink.digests
     starts = sorted(digests)

@@ -11,6 +11,7 @@ import io
 import struct
 import tempfile
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import BinaryIO, Protocol
 
 import isal.igzip_threaded
@@ -57,32 +58,33 @@ class GzipStream:
         """Uncompressed offsets of the checkpoints decoded so far, ascending."""
         return sorted(self._file.available_block_offsets().values())
 
-    def checkpoints(self) -> list[GzipCheckpoint]:
-        """All checkpoints, with windows; call after reading the stream to its end."""
+    def checkpoints(self, keep_window: Callable[[int], bool]) -> list[GzipCheckpoint]:
+        """All checkpoints, with the windows of those ``keep_window(u_offset)`` selects.
+        Call after reading the stream to its end."""
         with tempfile.NamedTemporaryFile(prefix="imgaccel-gzidx-") as tmp:
             self._file.export_index(tmp.name, rapidgzip.IndexFormat.INDEXED_GZIP)
-            return parse_gzidx(open(tmp.name, "rb").read())
+            with open(tmp.name, "rb") as f:
+                return read_gzidx(f, keep_window)
 
     def close(self) -> None:
         self._file.close()
 
 
-def parse_gzidx(data: bytes) -> list[GzipCheckpoint]:
-    """Parse indexed_gzip's GZIDX v1 export (as rapidgzip writes it)."""
-    if data[:5] != b"GZIDX" or data[5] not in (0, 1):
+def read_gzidx(f: BinaryIO, keep_window: Callable[[int], bool]) -> list[GzipCheckpoint]:
+    """Parse indexed_gzip's GZIDX v1 export (as rapidgzip writes it), streaming."""
+    head = f.read(35)
+    if len(head) < 35 or head[:5] != b"GZIDX" or head[5] not in (0, 1):
         raise LayerError("gzip index export has an unknown format")
-    _cs, _us, _spacing, wsize, npoints = struct.unpack_from("<QQIII", data, 7)
-    off = 7 + 28
-    raw = []
-    for _ in range(npoints):
-        raw.append(struct.unpack_from("<QQBB", data, off))
-        off += 18
+    _cs, _us, _spacing, wsize, npoints = struct.unpack_from("<QQIII", head, 7)
+    raw = [struct.unpack("<QQBB", f.read(18)) for _ in range(npoints)]
     points = []
     for c, u, bits, has_window in raw:
         window = b""
         if has_window:
-            window = data[off : off + wsize]
-            off += wsize
+            if keep_window(u):
+                window = f.read(wsize)
+            else:
+                f.seek(wsize, 1)
         points.append(GzipCheckpoint(c, u, bits, window))
     return points
 

@@ -26,6 +26,7 @@ from urllib.parse import urlencode, urljoin
 
 import aiohttp
 
+from imgaccel import __version__
 from imgaccel.formats import oci
 from imgaccel.pusher.auth import Challenge, Credentials, load_docker_credentials, parse_challenge
 from imgaccel.pusher.errors import AuthError, DigestMismatchError, NotFoundError, RegistryError
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 _RETRY_EXCEPTIONS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError)
 MAX_MANIFEST_SIZE = 4 << 20
+USER_AGENT = f"imgaccel/{__version__}"  # the event service ignores notifications for its own pushes
 ProgressFn = Callable[[int], None]
 
 
@@ -111,6 +113,7 @@ class RegistryClient:
 
     async def __aenter__(self) -> RegistryClient:
         self._session = aiohttp.ClientSession(
+            headers={"User-Agent": USER_AGENT},
             connector=aiohttp.TCPConnector(limit=self._connections),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=self._timeout),
             auto_decompress=False,
@@ -310,6 +313,18 @@ class RegistryClient:
         if got and got != digest:
             raise DigestMismatchError(f"{what}: registry stored the manifest as {got}, expected {digest}")
         return digest
+
+    async def catalog(self) -> list[str]:
+        """Every repository the registry lists (``/v2/_catalog``, paginated)."""
+        repos: list[str] = []
+        path: str | None = "/v2/_catalog?n=1000"
+        while path:
+            async with self.request("GET", path, scope="registry:catalog:*", what=f"{self.registry} catalog") as resp:
+                body = await resp.json(content_type=None)
+                link = resp.headers.get("Link", "")
+            repos.extend(body.get("repositories") or [])
+            path = link[link.index("<") + 1 : link.index(">")] if "<" in link else None
+        return repos
 
     async def list_tags(self, repo: str) -> list[str]:
         tags: list[str] = []
