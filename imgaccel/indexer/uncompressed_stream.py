@@ -10,8 +10,8 @@ from __future__ import annotations
 import io
 import struct
 import tempfile
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
 import isal.igzip_threaded
