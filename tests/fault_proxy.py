@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
-# A rule sees (method, path, how many times this method+path was seen) and returns a fault name.
+# A rule sees (method, path, how many times this method+path was seen) and returns a fault name:
+# "429", "503", "drop" (close the connection mid-body) or "slow" (wait 3 s, then forward).
 Rule = Callable[[str, str, int], str | None]
 HOP_HEADERS = {"transfer-encoding", "connection", "keep-alive", "content-encoding"}
 
@@ -38,6 +39,9 @@ class FaultProxy:
         if fault == "503":
             self.faults[fault] += 1
             return web.Response(status=503, text="unavailable")
+        if fault == "slow":
+            self.faults[fault] += 1
+            await asyncio.sleep(3)
         body = await request.read()
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS | {"content-length"}}
         async with (

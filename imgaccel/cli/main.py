@@ -31,6 +31,7 @@ from imgaccel.snapshotter.check import compare, reference_tree
 from imgaccel.snapshotter.layer_reader import ChunkReadError
 from imgaccel.snapshotter.merged_view import PathError
 
+from .service_commands import jobs, serve
 from .settings import load_settings
 
 T = TypeVar("T")
@@ -351,6 +352,9 @@ def inspect(ref: str, plain_http: bool, platform: str | None) -> None:
 
     _with_image(ref, plain_http, platform, go)
 
+
+main.add_command(serve)
+main.add_command(jobs)
 
 if __name__ == "__main__":
     main()

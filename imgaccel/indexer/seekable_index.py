@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from imgaccel.indexer.zstd_frames import zstd_frames
 # Unknown checkpoint boundaries may hold back at most this much data for hashing.
 MAX_PENDING = 512 << 20
 DECODE_CHUNK = 2 << 20
+MAX_HASH_IN_FLIGHT = 4  # spans queued for the hashing thread
 
 
 @dataclass
@@ -65,6 +67,7 @@ class _SpanDigests(DigestSink):
         self._pending = PendingBytes()
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgaccel-hash")
         self._spans: dict[int, tuple[int, Future[list[str]]]] = {}  # span start -> (size, block digests)
+        self._in_flight: deque[Future[list[str]]] = deque()
 
     def write(self, data: bytes, offset: int) -> None:
         self._pending.append(data)
@@ -87,6 +90,9 @@ class _SpanDigests(DigestSink):
                 continue
             pieces = list(self._pending.pieces(b))
             self._spans[start] = (b - start, self._hasher.submit(_block_digests, pieces))
+            self._in_flight.append(self._spans[start][1])
+            while len(self._in_flight) > MAX_HASH_IN_FLIGHT:  # bound the memory held for hashing
+                self._in_flight.popleft().result()
 
     def span_starts(self) -> list[int]:
         return sorted(self._spans)

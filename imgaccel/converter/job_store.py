@@ -1,0 +1,271 @@
+"""Durable conversion jobs and outbound notification deliveries.
+
+``JobStore`` is the interface the service and workers use; ``SQLiteJobStore`` (WAL mode, one
+file in the data directory) is the embedded default. A shared store for several replicas
+(e.g. PostgreSQL with ``SELECT ... FOR UPDATE SKIP LOCKED`` in ``claim``) implements the same
+methods; nothing else changes.
+
+A job is keyed by (registry, repository, manifest digest, mode, format version): however many
+events name an image, it is one job. Tags seen for that digest accumulate on the job.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+JobState = Literal["queued", "running", "succeeded", "failed", "skipped"]
+TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "skipped"})
+
+
+@dataclass
+class Job:
+    id: str
+    key: str
+    state: JobState
+    registry: str
+    repository: str
+    digest: str
+    tags: list[str]
+    mode: str
+    options: dict[str, Any]  # the matched rule (compression, suffix, platforms)
+    attempts: int = 0
+    next_attempt_at: float = 0.0
+    last_error: str | None = None
+    skip_reason: str | None = None
+    target: str | None = None  # e.g. 127.0.0.1:5000/app:v1_accelerated (by digest when untagged)
+    target_digest: str | None = None
+    layers: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    progress: dict[str, Any] = field(default_factory=dict)
+    created_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Delivery:
+    id: str
+    job_id: str
+    url: str
+    payload: str  # the exact body sent
+    format: str
+    state: Literal["pending", "delivered", "failed"]
+    attempts: int = 0
+    next_attempt_at: float = 0.0
+    last_error: str | None = None
+    created_at: float = 0.0
+    expires_at: float = 0.0
+
+
+class JobStore(Protocol):
+    def enqueue(
+        self, registry: str, repository: str, digest: str, tag: str | None, mode: str, options: dict[str, Any], key: str
+    ) -> tuple[Job, bool]:
+        """The job for ``key``, created if new (True). A new tag on a finished job requeues it."""
+
+    def get(self, job_id: str) -> Job | None: ...
+
+    def list_jobs(self, state: str | None, repository: str | None, limit: int, offset: int) -> list[Job]: ...
+
+    def claim(self, now: float) -> Job | None:
+        """Atomically move the oldest due queued job to running (attempts + 1)."""
+
+    def save(self, job: Job) -> None:
+        """Persist every field of ``job`` (its tags are merged with the stored ones)."""
+
+    def requeue_running(self) -> int:
+        """After a crash: every running job goes back to queued. Returns how many."""
+
+    def counts(self) -> dict[str, int]: ...
+
+    def add_delivery(self, delivery: Delivery) -> None: ...
+
+    def due_deliveries(self, now: float, limit: int) -> list[Delivery]: ...
+
+    def save_delivery(self, delivery: Delivery) -> None: ...
+
+    def deliveries(self, job_id: str) -> list[Delivery]: ...
+
+    def ping(self) -> None: ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+  id TEXT PRIMARY KEY,
+  key TEXT UNIQUE NOT NULL,
+  state TEXT NOT NULL,
+  repository TEXT NOT NULL,
+  next_attempt_at REAL NOT NULL,
+  created_at REAL NOT NULL,
+  body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_due ON jobs(state, next_attempt_at, created_at);
+CREATE INDEX IF NOT EXISTS jobs_repo ON jobs(repository, created_at);
+CREATE TABLE IF NOT EXISTS deliveries (
+  id TEXT PRIMARY KEY,
+  job_id TEXT NOT NULL,
+  state TEXT NOT NULL,
+  next_attempt_at REAL NOT NULL,
+  body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS deliveries_job ON deliveries(job_id);
+"""
+
+
+class SQLiteJobStore:
+    """Jobs in one SQLite file. Indexed columns for queries; the full record as JSON."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @staticmethod
+    def _job(body: str) -> Job:
+        return Job(**json.loads(body))
+
+    def _write(self, job: Job) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO jobs (id, key, state, repository, next_attempt_at, created_at, body) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                job.id,
+                job.key,
+                job.state,
+                job.repository,
+                job.next_attempt_at,
+                job.created_at,
+                json.dumps(job.to_json()),
+            ),
+        )
+
+    def enqueue(
+        self, registry: str, repository: str, digest: str, tag: str | None, mode: str, options: dict[str, Any], key: str
+    ) -> tuple[Job, bool]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            row = self._db.execute("SELECT body FROM jobs WHERE key = ?", (key,)).fetchone()
+            if row:
+                job = self._job(row[0])
+                if tag and tag not in job.tags:
+                    job.tags.append(tag)
+                    if job.state in TERMINAL:  # push the new tag's twin (layers are reused)
+                        job.state, job.next_attempt_at, job.attempts = "queued", 0.0, 0
+                    self._write(job)
+                self._db.execute("COMMIT")
+                return job, False
+            now = time.time()
+            job = Job(
+                id=uuid.uuid4().hex[:16],
+                key=key,
+                state="queued",
+                registry=registry,
+                repository=repository,
+                digest=digest,
+                tags=[tag] if tag else [],
+                mode=mode,
+                options=options,
+                created_at=now,
+            )
+            self._write(job)
+            self._db.execute("COMMIT")
+            return job, True
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def get(self, job_id: str) -> Job | None:
+        row = self._db.execute("SELECT body FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return self._job(row[0]) if row else None
+
+    def list_jobs(self, state: str | None, repository: str | None, limit: int, offset: int) -> list[Job]:
+        sql, args = "SELECT body FROM jobs WHERE 1=1", []
+        if state:
+            sql += " AND state = ?"
+            args.append(state)
+        if repository:
+            sql += " AND repository = ?"
+            args.append(repository)
+        sql += " ORDER BY created_at DESC, id LIMIT ? OFFSET ?"
+        rows = self._db.execute(sql, (*args, limit, offset)).fetchall()
+        return [self._job(r[0]) for r in rows]
+
+    def claim(self, now: float) -> Job | None:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            row = self._db.execute(
+                "SELECT body FROM jobs WHERE state = 'queued' AND next_attempt_at <= ? ORDER BY created_at LIMIT 1",
+                (now,),
+            ).fetchone()
+            if not row:
+                self._db.execute("COMMIT")
+                return None
+            job = self._job(row[0])
+            job.state, job.attempts, job.started_at, job.finished_at = "running", job.attempts + 1, now, None
+            self._write(job)
+            self._db.execute("COMMIT")
+            return job
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def save(self, job: Job) -> None:
+        # Tags only accumulate: a tag recorded by an event while a worker held the job survives.
+        row = self._db.execute("SELECT body FROM jobs WHERE id = ?", (job.id,)).fetchone()
+        if row:
+            job.tags += [t for t in self._job(row[0]).tags if t not in job.tags]
+        self._write(job)
+
+    def requeue_running(self) -> int:
+        jobs = [self._job(r[0]) for r in self._db.execute("SELECT body FROM jobs WHERE state = 'running'")]
+        for job in jobs:
+            job.state, job.next_attempt_at = "queued", 0.0
+            self._write(job)
+        return len(jobs)
+
+    def counts(self) -> dict[str, int]:
+        out = dict.fromkeys(("queued", "running", "succeeded", "failed", "skipped"), 0)
+        for state, n in self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
+            out[state] = n
+        return out
+
+    def add_delivery(self, delivery: Delivery) -> None:
+        self.save_delivery(delivery)
+
+    def save_delivery(self, delivery: Delivery) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO deliveries (id, job_id, state, next_attempt_at, body) VALUES (?, ?, ?, ?, ?)",
+            (delivery.id, delivery.job_id, delivery.state, delivery.next_attempt_at, json.dumps(asdict(delivery))),
+        )
+
+    def due_deliveries(self, now: float, limit: int) -> list[Delivery]:
+        rows = self._db.execute(
+            "SELECT body FROM deliveries WHERE state = 'pending' AND next_attempt_at <= ? "
+            "ORDER BY next_attempt_at LIMIT ?",
+            (now, limit),
+        ).fetchall()
+        return [Delivery(**json.loads(r[0])) for r in rows]
+
+    def deliveries(self, job_id: str) -> list[Delivery]:
+        rows = self._db.execute("SELECT body FROM deliveries WHERE job_id = ?", (job_id,)).fetchall()
+        return [Delivery(**json.loads(r[0])) for r in rows]
+
+    def ping(self) -> None:
+        self._db.execute("SELECT 1").fetchone()

@@ -1,0 +1,80 @@
+"""Reconcile: find images with no accelerated twin by listing the registries, and enqueue them.
+
+Registries drop notifications (distribution keeps them in memory and loses them on restart;
+Harbor tries 3 times), so every ``reconcile_interval`` seconds the reconciler lists each
+configured registry's repositories (``/v2/_catalog``, filtered by its ``repositories`` globs)
+and their tags, and enqueues every tag that a rule matches and whose twin tag is missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import logging
+import re
+from collections.abc import Callable
+
+from imgaccel.converter.service_config import ServiceConfig
+from imgaccel.converter.worker import RegistryClients
+from imgaccel.pusher.errors import RegistryError
+
+log = logging.getLogger(__name__)
+_OWN_TAG = re.compile(r"^sha256-[0-9a-f]{64}$")  # referrers tag-schema indexes
+
+Enqueue = Callable[[str, str, str, str | None], object]  # registry, repository, digest, tag
+
+
+class Reconciler:
+    def __init__(self, config: ServiceConfig, clients: RegistryClients, enqueue: Enqueue) -> None:
+        self.config = config
+        self.clients = clients
+        self.enqueue = enqueue
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self.config.reconcile_interval > 0 and self.config.registries:
+            self._task = asyncio.create_task(self._loop(), name="imgaccel-reconciler")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                n = await self.run_once()
+                if n:
+                    log.info("reconciler enqueued %d image(s) without an accelerated twin", n)
+            except Exception:  # keep reconciling on the next round whatever went wrong
+                log.exception("reconcile round failed")
+            await asyncio.sleep(self.config.reconcile_interval)
+
+    async def run_once(self) -> int:
+        found = 0
+        for reg in self.config.registries:
+            client = await self.clients.get(reg.endpoint)
+            try:
+                repos = await client.catalog()
+            except RegistryError as e:
+                log.warning("reconcile: cannot list %s: %s", reg.endpoint, e)
+                continue
+            for repo in repos:
+                if repo == self.config.cache_repo or not any(fnmatch.fnmatchcase(repo, g) for g in reg.repositories):
+                    continue
+                try:
+                    tags = set(await client.list_tags(repo))
+                except RegistryError as e:
+                    log.warning("reconcile: cannot list tags of %s/%s: %s", reg.endpoint, repo, e)
+                    continue
+                for tag in sorted(tags):
+                    if _OWN_TAG.match(tag):
+                        continue
+                    rule = self.config.rule_for(repo, tag)
+                    if rule is None or f"{tag}{rule.suffix}" in tags:
+                        continue
+                    digest = await client.manifest_exists(repo, tag)
+                    if digest and digest.startswith("sha256:"):
+                        self.enqueue(reg.endpoint, repo, digest, tag)
+                        found += 1
+        return found

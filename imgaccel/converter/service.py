@@ -1,0 +1,283 @@
+"""``imgaccel serve``: the HTTP service that turns push events into conversion jobs.
+
+Routes: ``POST /events`` (registry notifications, Harbor webhooks), the job API under
+``/api/v1/jobs``, ``/healthz``, ``/readyz``, ``/metrics`` and ``/openapi.json``. A job is
+written to the store before ``POST /events`` answers 202. Workers, the notifier and the
+reconciler run as tasks of the same event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from collections import defaultdict
+from typing import Any
+
+from aiohttp import web
+
+from imgaccel.converter.events import EventError, parse_event_body
+from imgaccel.converter.job_store import TERMINAL, Job, JobStore, SQLiteJobStore
+from imgaccel.converter.metrics import ServiceMetrics
+from imgaccel.converter.notifier import Notifier
+from imgaccel.converter.openapi import OPENAPI
+from imgaccel.converter.reconciler import Reconciler
+from imgaccel.converter.service_config import InboundAuth, ServiceConfig
+from imgaccel.converter.worker import JobRunner, RegistryClients, job_key
+from imgaccel.pusher.errors import RegistryError
+from imgaccel.pusher.reference import ReferenceError, is_loopback, parse_reference
+
+log = logging.getLogger(__name__)
+EVENT_CONTENT_TYPES = (
+    "application/vnd.docker.distribution.events.v1+json",
+    "application/vnd.docker.distribution.events.v2+json",
+    "application/json",
+    "application/cloudevents+json",
+)
+
+
+def _authorized(auth: InboundAuth, request: web.Request) -> bool:
+    if auth.token is None:
+        return True
+    got = request.headers.get(auth.header, "")
+    want = auth.token.get()
+    return any(hmac.compare_digest(got, v) for v in (want, f"Bearer {want}"))
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+class Service:
+    def __init__(self, config: ServiceConfig, store: JobStore | None = None) -> None:
+        self.config = config
+        self.store: JobStore = store or SQLiteJobStore(config.data_dir / "jobs.sqlite")
+        self.metrics = ServiceMetrics(self.store.counts)
+        self.clients = RegistryClients(config)
+        self.notifier = Notifier(config, self.store, self.metrics)
+        self.runner = JobRunner(
+            config, self.store, self.clients, self.metrics, self.publish, self.notifier.job_finished
+        )
+        self.reconciler = Reconciler(config, self.clients, self.enqueue)
+        self._watchers: defaultdict[str, set[asyncio.Queue[dict[str, Any]]]] = defaultdict(set)
+
+    # -- jobs ----------------------------------------------------------------------------
+
+    def enqueue(self, registry: str, repository: str, digest: str, tag: str | None) -> tuple[Job | None, str]:
+        """Create (or find) the job for this image; (None, reason) when no rule wants it."""
+        if repository == self.config.cache_repo:
+            return None, "the conversion-record repository"
+        rule = self.config.rule_for(repository, tag)
+        if rule is None:
+            return None, f"no enabled rule matches {repository}:{tag or digest}"
+        key = job_key(registry, repository, digest, rule.mode)
+        job, _created = self.store.enqueue(registry, repository, digest, tag, rule.mode, rule.model_dump(), key)
+        self.runner.wakeup.set()
+        return job, "queued"
+
+    def publish(self, job: Job) -> None:
+        snapshot = job.to_json()
+        for q in list(self._watchers.get(job.id, ())):
+            q.put_nowait(snapshot)
+
+    def _registry_for(self, host: str | None) -> str | None:
+        """The configured registry an event names; None when it is not ours to contact."""
+        endpoints = [r.endpoint for r in self.config.registries]
+        if host and host in endpoints:
+            return host
+        if not host and len(endpoints) == 1:
+            return endpoints[0]
+        if host and not endpoints and is_loopback(host):
+            return host  # the embedded defaults: a registry on this machine
+        return None
+
+    # -- handlers ------------------------------------------------------------------------
+
+    async def events(self, request: web.Request) -> web.Response:
+        if not _authorized(self.config.events_auth, request):
+            self.metrics.events.labels("unauthorized").inc()
+            return _error(401, "missing or wrong credential")
+        if request.content_length is not None and request.content_length > self.config.max_body:
+            self.metrics.events.labels("too_large").inc()
+            return _error(413, f"body larger than {self.config.max_body} bytes")
+        body = await request.content.read(self.config.max_body + 1)
+        if len(body) > self.config.max_body:
+            self.metrics.events.labels("too_large").inc()
+            return _error(413, f"body larger than {self.config.max_body} bytes")
+        try:
+            pushes, ignored = parse_event_body(json.loads(body))
+        except (ValueError, EventError) as e:
+            self.metrics.events.labels("malformed").inc()
+            return _error(400, f"malformed event: {e}")
+        jobs, skipped = [], list(ignored)
+        for push in pushes:
+            registry = self._registry_for(push.registry)
+            if registry is None:
+                skipped.append(f"{push.registry or '?'}/{push.repository}: not a configured registry")
+                continue
+            job, reason = self.enqueue(registry, push.repository, push.digest, push.tag)
+            if job is None:
+                skipped.append(reason)
+            else:
+                jobs.append(job.id)
+        self.metrics.events.labels("accepted" if jobs else "ignored").inc()
+        return web.json_response({"jobs": jobs, "ignored": skipped}, status=202 if jobs else 200)
+
+    def _api_auth(self, request: web.Request) -> web.Response | None:
+        if not _authorized(self.config.api_auth, request):
+            return _error(401, "missing or wrong credential")
+        return None
+
+    def _job_json(self, job: Job) -> dict[str, Any]:
+        out = job.to_json()
+        out["deliveries"] = [
+            {"url": d.url, "state": d.state, "attempts": d.attempts, "last_error": d.last_error}
+            for d in self.store.deliveries(job.id)
+        ]
+        return out
+
+    async def list_jobs(self, request: web.Request) -> web.Response:
+        if denied := self._api_auth(request):
+            return denied
+        try:
+            limit = min(int(request.query.get("limit", "50")), 500)
+            offset = int(request.query.get("offset", "0"))
+        except ValueError:
+            return _error(400, "limit and offset must be integers")
+        jobs = self.store.list_jobs(request.query.get("state"), request.query.get("repository"), limit, offset)
+        return web.json_response({"jobs": [j.to_json() for j in jobs], "limit": limit, "offset": offset})
+
+    async def get_job(self, request: web.Request) -> web.Response:
+        if denied := self._api_auth(request):
+            return denied
+        job = self.store.get(request.match_info["id"])
+        if job is None:
+            return _error(404, "no such job")
+        return web.json_response(self._job_json(job))
+
+    async def create_job(self, request: web.Request) -> web.Response:
+        if denied := self._api_auth(request):
+            return denied
+        try:
+            body = await request.json()
+            ref = parse_reference(str(body["reference"]))
+        except (ValueError, KeyError, TypeError, ReferenceError) as e:
+            return _error(400, f'expected {{"reference": "host/repo:tag"}}: {e}')
+        registry = self._registry_for(ref.registry) or (ref.registry if not self.config.registries else None)
+        if registry is None:
+            return _error(400, f"{ref.registry} is not a configured registry")
+        try:
+            client = await self.clients.get(registry)
+            digest = ref.digest or await client.manifest_exists(ref.repository, ref.reference)
+        except RegistryError as e:
+            return _error(502, str(e))
+        if not digest or not digest.startswith("sha256:"):
+            return _error(404, f"{ref}: manifest not found")
+        job, reason = self.enqueue(registry, ref.repository, digest, ref.tag if not ref.digest else None)
+        if job is None:
+            return _error(422, reason)
+        return web.json_response(self._job_json(job), status=202)
+
+    async def retry_job(self, request: web.Request) -> web.Response:
+        if denied := self._api_auth(request):
+            return denied
+        job = self.store.get(request.match_info["id"])
+        if job is None:
+            return _error(404, "no such job")
+        if job.state not in TERMINAL:
+            return _error(409, f"job is {job.state}")
+        job.state, job.attempts, job.next_attempt_at, job.last_error, job.skip_reason = "queued", 0, 0.0, None, None
+        self.store.save(job)
+        self.runner.wakeup.set()
+        return web.json_response(self._job_json(job), status=202)
+
+    async def job_events(self, request: web.Request) -> web.StreamResponse:
+        """Server-sent events: the job's record on every change, until it is finished."""
+        if denied := self._api_auth(request):
+            return denied
+        job = self.store.get(request.match_info["id"])
+        if job is None:
+            return _error(404, "no such job")
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._watchers[job.id].add(queue)
+        try:
+            snapshot = self._job_json(job)
+            while True:
+                await resp.write(f"event: job\ndata: {json.dumps(snapshot)}\n\n".encode())
+                if snapshot["state"] in TERMINAL:
+                    break
+                try:
+                    snapshot = await asyncio.wait_for(queue.get(), 15)
+                except TimeoutError:
+                    await resp.write(b": keep-alive\n\n")
+                    latest = self.store.get(job.id)
+                    snapshot = latest.to_json() if latest else snapshot
+        finally:
+            self._watchers[job.id].discard(queue)
+            if not self._watchers[job.id]:
+                del self._watchers[job.id]
+        return resp
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        problems = []
+        try:
+            self.store.ping()
+        except Exception as e:
+            problems.append(f"store: {e}")
+        for reg in self.config.registries:
+            try:
+                client = await self.clients.get(reg.endpoint)
+                async with client.session.get(f"{client.base_url}/v2/") as resp:
+                    if resp.status not in (200, 401):
+                        problems.append(f"{reg.endpoint}: /v2/ answered {resp.status}")
+            except Exception as e:
+                problems.append(f"{reg.endpoint}: {type(e).__name__}: {e}")
+        return web.json_response({"ready": not problems, "problems": problems}, status=503 if problems else 200)
+
+    async def metrics_handler(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.json_response(OPENAPI)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.config.max_body + 1)
+        app.router.add_post("/events", self.events)
+        app.router.add_get("/api/v1/jobs", self.list_jobs)
+        app.router.add_post("/api/v1/jobs", self.create_job)
+        app.router.add_get("/api/v1/jobs/{id}", self.get_job)
+        app.router.add_post("/api/v1/jobs/{id}/retry", self.retry_job)
+        app.router.add_get("/api/v1/jobs/{id}/events", self.job_events)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/metrics", self.metrics_handler)
+        app.router.add_get("/openapi.json", self.openapi)
+        app.on_startup.append(self._start)
+        app.on_cleanup.append(self._stop)
+        return app
+
+    async def _start(self, app: web.Application) -> None:
+        self.runner.start()
+        self.notifier.start()
+        self.reconciler.start()
+
+    async def _stop(self, app: web.Application) -> None:
+        await self.reconciler.stop()
+        await self.runner.stop()
+        await self.notifier.stop()
+        await self.clients.close()
+
+
+def serve(config: ServiceConfig) -> None:
+    host, port = config.host_port
+    service = Service(config)
+    log.info("imgaccel serve on %s:%d, data in %s", host, port, config.data_dir)
+    web.run_app(service.app(), host=host, port=port, print=lambda *_: None, access_log=None)

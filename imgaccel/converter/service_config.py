@@ -1,0 +1,185 @@
+"""``imgaccel serve`` configuration: a pydantic-validated YAML file with embedded defaults.
+
+With no file at all the service listens on 127.0.0.1:8080, keeps its SQLite job store in
+``./imgaccel-data/``, converts every repository in index-only mode with 4 workers, and accepts
+events without a token (loopback only). Every field is documented in README.md.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from imgaccel.converter.options import DEFAULT_SUFFIX, ConvertOptions
+from imgaccel.pusher.auth import Credentials, load_docker_credentials
+from imgaccel.pusher.client import RetryPolicy
+from imgaccel.pusher.reference import is_loopback
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Secret(_Strict):
+    """A secret given inline (``value``) or by environment variable name (``env``)."""
+
+    value: str | None = None
+    env: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> Secret:
+        if (self.value is None) == (self.env is None):
+            raise ValueError("give exactly one of 'value' or 'env'")
+        return self
+
+    def get(self) -> str:
+        if self.value is not None:
+            return self.value
+        assert self.env is not None
+        value = os.environ.get(self.env)
+        if value is None:
+            raise ValueError(f"environment variable {self.env} is not set")
+        return value
+
+
+class RegistryConfig(_Strict):
+    endpoint: str  # host[:port], as it appears in image references and events
+    plain_http: bool | None = None  # default: plain HTTP on loopback, TLS elsewhere
+    username: str | None = None
+    password: Secret | None = None
+    docker_config: bool = True  # fall back to ~/.docker/config.json credentials
+    max_connections: int = Field(default=8, ge=1, le=256)
+    repositories: list[str] = ["*"]  # globs the reconciler lists tags of
+
+    def credentials(self) -> Credentials | None:
+        if self.username:
+            return Credentials(self.username, self.password.get() if self.password else "")
+        return load_docker_credentials(self.endpoint) if self.docker_config else None
+
+    def use_plain_http(self) -> bool:
+        return self.plain_http if self.plain_http is not None else is_loopback(self.endpoint)
+
+
+class Rule(_Strict):
+    repository: str = "*"  # glob over the repository path, e.g. "team/*"
+    tag: str = ".*"  # regex over the tag (full match); digest-only pushes match when it matches ""
+    mode: Literal["index", "full"] = "index"
+    compression: Literal["zstd", "lz4"] = "zstd"
+    tag_suffix: str | None = None
+    platforms: list[str] = []
+    enabled: bool = True
+
+    @field_validator("tag")
+    @classmethod
+    def _regex(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as e:
+            raise ValueError(f"invalid regex: {e}") from e
+        return v
+
+    def matches(self, repository: str, tag: str | None) -> bool:
+        return fnmatch.fnmatchcase(repository, self.repository) and re.fullmatch(self.tag, tag or "") is not None
+
+    @property
+    def suffix(self) -> str:
+        return self.tag_suffix if self.tag_suffix is not None else DEFAULT_SUFFIX[self.mode]
+
+    def options(self, cache_repo: str | None) -> ConvertOptions:
+        return ConvertOptions(
+            mode=self.mode,
+            compression=self.compression,
+            tag_suffix=self.tag_suffix,
+            platforms=tuple(self.platforms),
+            cache_repo=cache_repo,
+        )
+
+
+class RetryConfig(_Strict):
+    attempts: int = Field(default=5, ge=1)  # conversion attempts per job
+    base_delay: float = Field(default=2.0, gt=0)  # seconds, doubled each attempt, with jitter
+    max_delay: float = Field(default=300.0, gt=0)
+    request_attempts: int = Field(default=6, ge=1)  # per registry request (429, 5xx, drops)
+
+    def request_policy(self) -> RetryPolicy:
+        return RetryPolicy(attempts=self.request_attempts)
+
+
+class InboundAuth(_Strict):
+    header: str = "Authorization"  # Harbor sends its auth_header here; distribution its headers
+    token: Secret | None = None  # the header must equal this (or "Bearer <token>")
+
+
+class WebhookConfig(_Strict):
+    url: str
+    target: str = ".*"  # regex searched in the produced target reference (e.g. "_accelerated$")
+    format: Literal["json", "cloudevents"] = "json"
+    secret: Secret | None = None  # HMAC-SHA256 of the body, hex, in X-Imgaccel-Signature: sha256=<hex>
+    max_attempts: int = Field(default=10, ge=1)
+    expire_after: float = Field(default=86400.0, gt=0)  # seconds until a delivery is given up
+
+    @field_validator("target")
+    @classmethod
+    def _regex(cls, v: str) -> str:
+        re.compile(v)
+        return v
+
+
+class ServiceConfig(_Strict):
+    listen: str = "127.0.0.1:8080"
+    data_dir: Path = Path("imgaccel-data")
+    workers: int = Field(default=4, ge=1, le=64)
+    registries: list[RegistryConfig] = []  # registries not listed are used with defaults
+    rules: list[Rule] = [Rule()]  # first match wins
+    cache_repo: str | None = "imgaccel-cache"
+    max_body: int = Field(default=1 << 20, ge=1024)  # bytes; larger event bodies get 413
+    events_auth: InboundAuth = InboundAuth()
+    api_auth: InboundAuth = InboundAuth()
+    retry: RetryConfig = RetryConfig()
+    reconcile_interval: float = Field(default=300.0, ge=0)  # seconds; 0 turns the reconciler off
+    webhooks: list[WebhookConfig] = []
+
+    def registry(self, endpoint: str) -> RegistryConfig:
+        for r in self.registries:
+            if r.endpoint == endpoint:
+                return r
+        return RegistryConfig(endpoint=endpoint)
+
+    def rule_for(self, repository: str, tag: str | None) -> Rule | None:
+        """The first matching rule, or None (no rule, a disabled rule, or our own output tag)."""
+        if tag and any(tag.endswith(r.suffix) for r in self.rules):
+            return None
+        for rule in self.rules:
+            if rule.matches(repository, tag):
+                return rule if rule.enabled else None
+        return None
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]") or "127.0.0.1", int(port)
+
+
+class ConfigError(ValueError):
+    """The config file is unreadable or invalid; the message names the field."""
+
+
+def load_config(path: Path | None) -> ServiceConfig:
+    if path is None:
+        return ServiceConfig()
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read config: {e}") from e
+    try:
+        return ServiceConfig.model_validate(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise ConfigError(f"{path}: {where}: {first['msg']}") from e
