@@ -96,7 +96,7 @@ def test_push_converts_and_notifies_once(env: Env, tmp_path: Path) -> None:
         assert headers["X-Imgaccel-Signature"] == expected
     payload = json.loads(mine[-1][1])
     assert payload["event"] == "conversion.succeeded" and payload["target"]["digest"] == job["target_digest"]
-    assert payload["size_before"] > 0 and payload["layers"] == 1
+    assert payload["size_before"] > 1_000_000 and 0 < payload["size_after"] < 50_000 and payload["layers"] == 1
     _, body = env.service.api("GET", f"/api/v1/jobs/{job['id']}")
     assert body["deliveries"][0]["state"] == "delivered" and body["deliveries"][0]["attempts"] == 2
 

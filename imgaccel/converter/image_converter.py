@@ -63,6 +63,8 @@ class ConvertResult:
     layers_reused: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
+    size_before: int = 0  # source layers of the converted platforms
+    size_after: int = 0  # their index blobs (index mode) or converted layers (full mode)
     up_to_date: bool = False
 
 
@@ -311,7 +313,10 @@ class ImageConverter:
             self._convert_layer(repo, layer, diff_id, mode, result)
             for layer, diff_id in zip(image.parsed.layers, image.config.rootfs.diff_ids, strict=True)
         ]
-        return list(await asyncio.gather(*tasks))
+        out = list(await asyncio.gather(*tasks))
+        result.size_before += sum(layer.size for layer in image.parsed.layers)
+        result.size_after += sum(d.size for d in out)
+        return out
 
     async def _index_artifact(self, ref: ImageRef, image: _PlatformImage, result: ConvertResult) -> oci.Descriptor:
         repo = ref.repository

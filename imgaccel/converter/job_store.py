@@ -41,8 +41,10 @@ class Job:
     target: str | None = None  # e.g. 127.0.0.1:5000/app:v1_accelerated (by digest when untagged)
     target_digest: str | None = None
     layers: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
+    bytes_in: int = 0  # downloaded for this job (0 when every layer was reused)
+    bytes_out: int = 0  # uploaded for this job
+    size_before: int = 0  # the source layers
+    size_after: int = 0  # the index blobs (index mode) or the converted layers (full mode)
     progress: dict[str, Any] = field(default_factory=dict)
     created_at: float = 0.0
     started_at: float | None = None

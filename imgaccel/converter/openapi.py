@@ -24,6 +24,8 @@ _JOB: dict[str, Any] = {
         "layers": {"type": "integer"},
         "bytes_in": {"type": "integer"},
         "bytes_out": {"type": "integer"},
+        "size_before": {"type": "integer", "description": "bytes of the source layers"},
+        "size_after": {"type": "integer", "description": "bytes of the index blobs or converted layers"},
         "progress": {"type": "object"},
         "created_at": {"type": "number"},
         "started_at": {"type": ["number", "null"]},

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import logging
-import re
 from collections.abc import Callable
 
 from imgaccel.converter.service_config import ServiceConfig
@@ -19,7 +18,6 @@ from imgaccel.converter.worker import RegistryClients
 from imgaccel.pusher.errors import RegistryError
 
 log = logging.getLogger(__name__)
-_OWN_TAG = re.compile(r"^sha256-[0-9a-f]{64}$")  # referrers tag-schema indexes
 
 Enqueue = Callable[[str, str, str, str | None], object]  # registry, repository, digest, tag
 
@@ -68,8 +66,6 @@ class Reconciler:
                     log.warning("reconcile: cannot list tags of %s/%s: %s", reg.endpoint, repo, e)
                     continue
                 for tag in sorted(tags):
-                    if _OWN_TAG.match(tag):
-                        continue
                     rule = self.config.rule_for(repo, tag)
                     if rule is None or f"{tag}{rule.suffix}" in tags:
                         continue

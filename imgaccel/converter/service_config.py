@@ -21,6 +21,8 @@ from imgaccel.pusher.auth import Credentials, load_docker_credentials
 from imgaccel.pusher.client import RetryPolicy
 from imgaccel.pusher.reference import is_loopback
 
+_REFERRERS_TAG = re.compile(r"^sha256-[0-9a-f]{64}$")  # OCI 1.1 tag-schema referrers indexes
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -153,7 +155,7 @@ class ServiceConfig(_Strict):
 
     def rule_for(self, repository: str, tag: str | None) -> Rule | None:
         """The first matching rule, or None (no rule, a disabled rule, or our own output tag)."""
-        if tag and any(tag.endswith(r.suffix) for r in self.rules):
+        if tag and (any(tag.endswith(r.suffix) for r in self.rules) or _REFERRERS_TAG.match(tag)):
             return None
         for rule in self.rules:
             if rule.matches(repository, tag):

@@ -133,6 +133,7 @@ class JobRunner:
         job.target, job.target_digest = str(result.target), result.digest
         job.layers = result.layers_converted + result.layers_reused
         job.bytes_in, job.bytes_out = result.bytes_in, result.bytes_out
+        job.size_before, job.size_after = result.size_before, result.size_after
         self.store.save(job)
         self.metrics.duration.observe(time.monotonic() - started)
         self.metrics.bytes_in.inc(result.bytes_in)

@@ -29,7 +29,7 @@ from imgaccel.indexer.zstd_frames import zstd_frames
 
 # Unknown checkpoint boundaries may hold back at most this much data for hashing.
 MAX_PENDING = 512 << 20
-DECODE_CHUNK = 2 << 20
+DECODE_CHUNK = 1 << 20  # bounds rapidgzip's chunk cache (~150 MB on one thread)
 MAX_HASH_IN_FLIGHT = 4  # spans queued for the hashing thread
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import struct
 import tempfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol
@@ -60,31 +61,43 @@ class GzipStream:
 
     def checkpoints(self, keep_window: Callable[[int], bool]) -> list[GzipCheckpoint]:
         """All checkpoints, with the windows of those ``keep_window(u_offset)`` selects.
-        Call after reading the stream to its end."""
-        with tempfile.NamedTemporaryFile(prefix="imgaccel-gzidx-") as tmp:
-            self._file.export_index(tmp.name, rapidgzip.IndexFormat.INDEXED_GZIP)
-            with open(tmp.name, "rb") as f:
-                return read_gzidx(f, keep_window)
+        Call after reading the stream to its end. (The gztool export is used because its
+        windows are compressed: rapidgzip keeps what it exports in memory.)"""
+        with tempfile.TemporaryFile(prefix="imgaccel-gzindex-") as tmp:
+            self._file.export_index(tmp, rapidgzip.IndexFormat.GZTOOL)
+            tmp.seek(0)
+            return read_gztool_index(tmp, keep_window)
 
     def close(self) -> None:
         self._file.close()
 
 
-def read_gzidx(f: BinaryIO, keep_window: Callable[[int], bool]) -> list[GzipCheckpoint]:
-    """Parse indexed_gzip's GZIDX v1 export (as rapidgzip writes it), streaming."""
-    head = f.read(35)
-    if len(head) < 35 or head[:5] != b"GZIDX" or head[5] not in (0, 1):
+def read_gztool_index(f: BinaryIO, keep_window: Callable[[int], bool]) -> list[GzipCheckpoint]:
+    """Parse a gztool v0 index (as rapidgzip exports it), streaming.
+
+    Layout, integers big-endian: 8 zero bytes, ``gzipindx``, u64 point count, u64 capacity;
+    per point: u64 uncompressed offset, u64 compressed offset, u32 bits, u32 window length,
+    then the window compressed with zlib (absent when the length is 0); finally u64 total
+    uncompressed size. ``bits`` follows zran: the point is at bit ``offset * 8 - bits``.
+    """
+    head = f.read(32)
+    if len(head) < 32 or head[:16] != b"\0" * 8 + b"gzipindx":
         raise LayerError("gzip index export has an unknown format")
-    _cs, _us, _spacing, wsize, npoints = struct.unpack_from("<QQIII", head, 7)
-    raw = [struct.unpack("<QQBB", f.read(18)) for _ in range(npoints)]
+    (count,) = struct.unpack_from(">Q", head, 16)
     points = []
-    for c, u, bits, has_window in raw:
+    for _ in range(count):
+        entry = f.read(24)
+        if len(entry) < 24:
+            raise LayerError("gzip index export is truncated")
+        u, c, bits, wlen = struct.unpack(">QQII", entry)
         window = b""
-        if has_window:
+        if wlen:
             if keep_window(u):
-                window = f.read(wsize)
+                window = zlib.decompress(f.read(wlen))
+                if len(window) != 32768:
+                    raise LayerError(f"gzip index window at {u} is {len(window)} bytes")
             else:
-                f.seek(wsize, 1)
+                f.seek(wlen, 1)
         points.append(GzipCheckpoint(c, u, bits, window))
     return points
 
