@@ -4,13 +4,14 @@ registry itself cannot produce: 429 with Retry-After, 503, and connections dropp
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
+
+from tests.threaded_app import ThreadedApp
 
 # A rule sees (method, path, how many times this method+path was seen) and returns a fault name:
 # "429", "503", "drop" (close the connection mid-body) or "slow" (wait 3 s, then forward).
@@ -25,9 +26,7 @@ class FaultProxy:
     host: str = ""
     faults: Counter[str] = field(default_factory=Counter)
     seen: Counter[tuple[str, str]] = field(default_factory=Counter)
-    _loop: asyncio.AbstractEventLoop | None = None
-    _runner: web.AppRunner | None = None
-    _thread: threading.Thread | None = None
+    _server: ThreadedApp = field(init=False)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         key = (request.method, request.path)
@@ -70,29 +69,11 @@ class FaultProxy:
             return resp
 
     def start(self) -> FaultProxy:
-        ready = threading.Event()
-
-        def run() -> None:
-            self._loop = asyncio.new_event_loop()
-            app = web.Application(client_max_size=1 << 30)
-            app.router.add_route("*", "/{tail:.*}", self._handle)
-            self._runner = web.AppRunner(app)
-            self._loop.run_until_complete(self._runner.setup())
-            site = web.TCPSite(self._runner, "127.0.0.1", 0)
-            self._loop.run_until_complete(site.start())
-            port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-            self.host = f"127.0.0.1:{port}"
-            ready.set()
-            self._loop.run_forever()
-
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
-        ready.wait(10)
+        app = web.Application(client_max_size=1 << 30)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._server = ThreadedApp(app)
+        self.host = f"127.0.0.1:{self._server.start()}"
         return self
 
     def stop(self) -> None:
-        assert self._loop is not None and self._runner is not None and self._thread is not None
-        fut = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop)
-        fut.result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
+        self._server.stop()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,3 +38,16 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> Result:
 
 def sha256(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+ACCEPT = "application/vnd.oci.image.index.v1+json,application/vnd.oci.image.manifest.v1+json"
+
+
+def get_bytes(url: str) -> bytes:
+    req = urllib.request.Request(url, headers={"Accept": ACCEPT})
+    with urllib.request.urlopen(req) as r:
+        return bytes(r.read())
+
+
+def get_json(url: str) -> dict:
+    return dict(json.loads(get_bytes(url)))

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -19,6 +17,7 @@ from aiohttp import web
 
 from tests.helpers import ROOT
 from tests.registry import free_port
+from tests.threaded_app import ThreadedApp
 
 
 @dataclass
@@ -124,9 +123,7 @@ class WebhookReceiver:
     statuses: list[int] = field(default_factory=list)
     requests: list[tuple[dict[str, str], bytes, int]] = field(default_factory=list)
     port: int = 0
-    _loop: asyncio.AbstractEventLoop | None = None
-    _runner: web.AppRunner | None = None
-    _thread: threading.Thread | None = None
+    _server: ThreadedApp = field(init=False)
 
     @property
     def url(self) -> str:
@@ -138,27 +135,11 @@ class WebhookReceiver:
         return web.Response(status=status, text="ok" if status == 200 else "nope")
 
     def start(self) -> WebhookReceiver:
-        ready = threading.Event()
-
-        def run() -> None:
-            self._loop = asyncio.new_event_loop()
-            app = web.Application()
-            app.router.add_post("/hook", self._handle)
-            self._runner = web.AppRunner(app)
-            self._loop.run_until_complete(self._runner.setup())
-            site = web.TCPSite(self._runner, "127.0.0.1", 0)
-            self._loop.run_until_complete(site.start())
-            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-            ready.set()
-            self._loop.run_forever()
-
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
-        ready.wait(10)
+        app = web.Application()
+        app.router.add_post("/hook", self._handle)
+        self._server = ThreadedApp(app)
+        self.port = self._server.start()
         return self
 
     def stop(self) -> None:
-        assert self._loop is not None and self._runner is not None and self._thread is not None
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
+        self._server.stop()

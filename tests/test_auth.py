@@ -13,6 +13,7 @@ import pytest
 from fixtures.build_images import unique_image
 from tests.helpers import run_cli
 from tests.registry import Registry, start_registry
+from tests.token_auth import TokenServer
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +59,38 @@ def test_credentials(auth_registry: Registry, tmp_path: Path) -> None:
     r = run_cli("convert", ref, env=env)
     assert r.code == 0, r.err
     assert run_cli("check", ref + "_accelerated", env=env).code == 0
+
+
+@pytest.fixture(scope="module")
+def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Registry, TokenServer]]:
+    d = tmp_path_factory.mktemp("tokenreg")
+    tokens = TokenServer(d, "carol", "t0ken").start()
+    reg = start_registry(d, tokens.registry_config())
+    try:
+        yield reg, tokens
+    finally:
+        reg.stop()
+        tokens.stop()
+
+
+def test_bearer_token_flow(token_registry: tuple[Registry, TokenServer], tmp_path: Path) -> None:
+    reg, tokens = token_registry
+    layout = unique_image(tmp_path, "bearer")
+    subprocess.run(
+        ["skopeo", "copy", "--quiet", "--dest-tls-verify=false", "--dest-creds", "carol:t0ken",
+         f"oci:{layout}:v1", f"docker://{reg.host}/secure/app:v1"],
+        check=True,
+    )  # fmt: skip
+    ref = f"{reg.host}/secure/app:v1"
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    r = run_cli("convert", ref, env=docker_config(wrong, reg.host, "carol", "nope"))
+    assert r.code == 1 and "token service refused the credentials" in r.err
+    right = tmp_path / "right"
+    right.mkdir()
+    env = docker_config(right, reg.host, "carol", "t0ken")
+    before = tokens.requests
+    r = run_cli("convert", ref, "--mode", "full", env=env)
+    assert r.code == 0, r.err
+    assert tokens.requests > before  # the bearer flow was used, not anonymous access
+    assert run_cli("cat", ref + "_containerd_accelerated", "/etc/motd", env=env).out == "unique\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from tests.raw_push import push_image
 from tests.registry import Registry
 
 GZ = "application/vnd.oci.image.layer.v1.tar+gzip"
+WORKDIR = Path(tempfile.mkdtemp(prefix="imgaccel-test-workdirs-"))
 
 
 def one_line_error(stderr: str) -> str:
@@ -24,7 +26,10 @@ def one_line_error(stderr: str) -> str:
 
 
 def assert_fails_cleanly(registry: Registry, repo: str, *needles: str, mode: str = "index") -> str:
-    r = run_cli("convert", f"{registry.host}/{repo}:v1", "--mode", mode)
+    workdir = WORKDIR / repo.replace("/", "_")
+    workdir.mkdir(parents=True)
+    r = run_cli("convert", f"{registry.host}/{repo}:v1", "--mode", mode, "--workdir", str(workdir))
+    assert list(workdir.iterdir()) == [], "temporary files were left behind"
     assert r.code == 1, r.out + r.err
     assert r.out == ""
     line = one_line_error(r.err)

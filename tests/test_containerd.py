@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from fixtures.build_images import BIG_FILE_SIZE, real_bytes
+from tests.helpers import get_json
 from tests.registry import Registry
-from tests.test_convert_and_read import get_json
 
 MISSING = [tool for tool in ("containerd", "ctr", "runc") if shutil.which(tool) is None]
 pytestmark = [

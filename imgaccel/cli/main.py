@@ -217,13 +217,14 @@ def _pct(part: int, whole: int) -> str:
 
 
 def _with_image(ref_text: str, plain_http: bool, platform: str | None,
-                fn: Callable[[AcceleratedImage], Awaitable[int]]) -> None:  # fmt: skip
+                fn: Callable[[AcceleratedImage, RegistryClient], Awaitable[int]]) -> None:  # fmt: skip
+    """Open the image (one registry client for the whole command), run ``fn``, exit with its code."""
     ref = _ref(ref_text)
 
     async def go() -> int:
         async with _client(ref, plain_http) as client:
             image = await open_image(client, ref, platform)
-            return await fn(image)
+            return await fn(image, client)
 
     try:
         code = _run(go())
@@ -249,7 +250,7 @@ _TYPE_CHAR = {"dir": "d", "symlink": "l", "reg": "-", "hardlink": "-", "char": "
 def ls(ref: str, path: str, long: bool, plain_http: bool, platform: str | None) -> None:
     """List a directory of the image's merged filesystem."""
 
-    async def go(image: AcceleratedImage) -> int:
+    async def go(image: AcceleratedImage, client: RegistryClient) -> int:
         _, node = image.view.lookup(path, True)
         names = image.listdir(path) if node.entry.type == "dir" else [path.rstrip("/").rsplit("/", 1)[-1]]
         children = node.children if node.entry.type == "dir" else {names[0]: node}
@@ -275,7 +276,7 @@ def ls(ref: str, path: str, long: bool, plain_http: bool, platform: str | None) 
 def cat(ref: str, path: str, plain_http: bool, platform: str | None) -> None:
     """Write a file of the image to stdout (symlinks followed inside the image)."""
 
-    async def go(image: AcceleratedImage) -> int:
+    async def go(image: AcceleratedImage, client: RegistryClient) -> int:
         out = sys.stdout.buffer
         async for block in image.iter_file(path):
             out.write(block)
@@ -292,11 +293,10 @@ def cat(ref: str, path: str, plain_http: bool, platform: str | None) -> None:
 def check(ref: str, plain_http: bool, platform: str | None) -> None:
     """Read every entry lazily and compare with a full extraction of the source image."""
 
-    async def go(image: AcceleratedImage) -> int:
+    async def go(image: AcceleratedImage, client: RegistryClient) -> int:
         if not image.source_digest:
             raise ImageOpenError(f"{image.ref}: no source manifest recorded")
-        async with _client(image.ref, plain_http) as client:
-            expected = await reference_tree(client, image.ref, image.source_digest)
+        expected = await reference_tree(client, image.ref, image.source_digest)
         problems = await compare(image, expected)
         for p in problems:
             click.echo(p)
@@ -318,11 +318,10 @@ def check(ref: str, plain_http: bool, platform: str | None) -> None:
 def inspect(ref: str, plain_http: bool, platform: str | None) -> None:
     """Show an accelerated image's layers, formats, index sizes and ratios."""
 
-    async def go(image: AcceleratedImage) -> int:
+    async def go(image: AcceleratedImage, client: RegistryClient) -> int:
         source_layers: list[oci.Descriptor] = []
         if image.source_digest:
-            async with _client(image.ref, plain_http) as client:
-                src = await client.get_manifest(image.ref.repository, image.source_digest)
+            src = await client.get_manifest(image.ref.repository, image.source_digest)
             source_layers = oci.ImageManifest.model_validate_json(src.data).layers
         click.echo(f"image:    {image.ref}")
         click.echo(f"mode:     {image.mode} (imgaccel format v{li.FORMAT_VERSION})")

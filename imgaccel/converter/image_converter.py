@@ -347,7 +347,10 @@ class ImageConverter:
         await self.client.add_referrer(repo, image.manifest.digest, desc)
         return desc
 
-    async def _full_manifest(self, ref: ImageRef, image: _PlatformImage, result: ConvertResult) -> oci.Descriptor:
+    async def _full_manifest(
+        self, ref: ImageRef, image: _PlatformImage, result: ConvertResult
+    ) -> tuple[oci.Descriptor, bytes]:
+        """The pushed full-mode manifest of one platform: its descriptor and its bytes."""
         repo = ref.repository
         layers = await self._layers(repo, image, "full", result)
         config = image.parsed.config.model_copy()
@@ -362,7 +365,7 @@ class ImageConverter:
         }
         data = oci.canonical_json(body)
         digest = await self.client.put_manifest(repo, oci.sha256_digest(data), data, oci.OCI_MANIFEST)
-        return oci.Descriptor(mediaType=oci.OCI_MANIFEST, digest=digest, size=len(data), platform=image.platform)
+        return oci.Descriptor(mediaType=oci.OCI_MANIFEST, digest=digest, size=len(data), platform=image.platform), data
 
     # -- the whole image ------------------------------------------------------------------
 
@@ -400,26 +403,13 @@ class ImageConverter:
                 )
                 artifact.platform = oci.Platform(architecture="unknown", os="unknown")
                 entries.append(artifact)
-            body = {
-                "schemaVersion": 2,
-                "mediaType": oci.OCI_INDEX,
-                "manifests": [e.wire() for e in entries],
-                "annotations": annotations,
-            }
-            data, media_type = oci.canonical_json(body), oci.OCI_INDEX
+            data, media_type = _index_bytes(entries, annotations), oci.OCI_INDEX
         else:
             manifests = [await self._full_manifest(ref, image, result) for image in images]
             if top.media_type in oci.INDEX_TYPES:
-                body = {
-                    "schemaVersion": 2,
-                    "mediaType": oci.OCI_INDEX,
-                    "manifests": [m.wire() for m in manifests],
-                    "annotations": annotations,
-                }
-                data, media_type = oci.canonical_json(body), oci.OCI_INDEX
+                data, media_type = _index_bytes([desc for desc, _ in manifests], annotations), oci.OCI_INDEX
             else:
-                got = await self.client.get_manifest(ref.repository, manifests[0].digest)
-                data, media_type = got.data, oci.OCI_MANIFEST
+                data, media_type = manifests[0][1], oci.OCI_MANIFEST
         result.digest = await self.client.put_manifest(
             ref.repository, target_tag or oci.sha256_digest(data), data, media_type
         )
@@ -439,3 +429,8 @@ class ImageConverter:
             and ann.get(li.ANN_FORMAT_VERSION) == str(li.FORMAT_VERSION)
         )
         return m.digest if same else None
+
+
+def _index_bytes(manifests: list[oci.Descriptor], annotations: dict[str, str]) -> bytes:
+    body = {"schemaVersion": 2, "mediaType": oci.OCI_INDEX, "manifests": [m.wire() for m in manifests]}
+    return oci.canonical_json({**body, "annotations": annotations})

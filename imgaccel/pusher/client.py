@@ -283,19 +283,21 @@ class RegistryClient:
             raise RegistryError(f"{what}: manifest is not JSON") from None
         return Manifest(data, declared or media_type, digest)
 
-    async def manifest_exists(self, repo: str, reference: str) -> str | None:
-        """The digest ``reference`` resolves to, or None."""
+    async def _head(
+        self, repo: str, path: str, what: str, headers: dict[str, str] | None = None
+    ) -> dict[str, str] | None:
+        """Response headers of a HEAD request, or None on 404."""
         try:
-            async with self.request(
-                "HEAD",
-                f"/v2/{repo}/manifests/{reference}",
-                scope=self.pull_scope(repo),
-                what=f"{self.registry}/{repo}:{reference}",
-                headers={"Accept": oci.ACCEPT_MANIFESTS},
-            ) as resp:
-                return resp.headers.get("Docker-Content-Digest") or reference
+            async with self.request("HEAD", path, scope=self.pull_scope(repo), what=what, headers=headers) as resp:
+                return dict(resp.headers)
         except NotFoundError:
             return None
+
+    async def manifest_exists(self, repo: str, reference: str) -> str | None:
+        """The digest ``reference`` resolves to, or None."""
+        what = f"{self.registry}/{repo}:{reference}"
+        headers = await self._head(repo, f"/v2/{repo}/manifests/{reference}", what, {"Accept": oci.ACCEPT_MANIFESTS})
+        return None if headers is None else headers.get("Docker-Content-Digest") or reference
 
     async def put_manifest(self, repo: str, reference: str, data: bytes, media_type: str) -> str:
         digest = oci.sha256_digest(data)
@@ -341,16 +343,8 @@ class RegistryClient:
 
     async def blob_size(self, repo: str, digest: str) -> int | None:
         """Size of the blob if ``repo`` has it, else None."""
-        try:
-            async with self.request(
-                "HEAD",
-                f"/v2/{repo}/blobs/{digest}",
-                scope=self.pull_scope(repo),
-                what=f"{self.registry}/{repo}@{digest}",
-            ) as resp:
-                return int(resp.headers.get("Content-Length", "-1"))
-        except NotFoundError:
-            return None
+        headers = await self._head(repo, f"/v2/{repo}/blobs/{digest}", f"{self.registry}/{repo}@{digest}")
+        return None if headers is None else int(headers.get("Content-Length", "-1"))
 
     async def read_blob(self, repo: str, digest: str, max_size: int = 64 << 20) -> bytes:
         """A small blob (config, index) in memory, digest-checked."""
