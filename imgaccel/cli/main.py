@@ -189,7 +189,9 @@ async def _convert_all(refs: list[ImageRef], options: ConvertOptions, jobs: int,
                 finally:
                     bars.remove_task(task)
                 target = result.target.with_digest(result.digest)
-                click.echo(f"{result.source} -> {target}{_summary(result)}")
+                click.echo(f"{result.source} -> {target}")
+                if note := _summary(result):
+                    err.print(f"note: {result.source}: {note}", highlight=False, soft_wrap=True)
 
         try:
             for ref in refs:
@@ -204,11 +206,11 @@ async def _convert_all(refs: list[ImageRef], options: ConvertOptions, jobs: int,
 
 def _summary(r: ConvertResult) -> str:
     if r.up_to_date:
-        return "  (already converted: nothing to do)"
+        return "already converted: nothing to do"
     if r.layers_reused and not r.layers_converted:
-        return f"  (all {r.layers_reused} layers reused: no layer work)"
+        return f"all {r.layers_reused} layers reused: no layer work"
     if r.layers_reused:
-        return f"  ({r.layers_converted} layers converted, {r.layers_reused} reused)"
+        return f"{r.layers_converted} layers converted, {r.layers_reused} reused"
     return ""
 
 
