@@ -15,7 +15,9 @@ from typing import Any, TypeVar
 
 import aiohttp
 import click
+from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
 from imgaccel.converter.image_converter import ConversionError, ConvertResult, ImageConverter
@@ -86,7 +88,16 @@ def _run(coro: Awaitable[T]) -> T:
 
 
 def _fail(message: str) -> None:
-    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    lines = message.strip().splitlines() or ["unknown error"]
+    err.print(f"[red]error:[/red] {escape(lines[0])}", highlight=False, soft_wrap=True)
+
+
+def _describe(e: Exception) -> str:
+    """One line for any failure (pydantic's own message spans several)."""
+    if isinstance(e, ValidationError):
+        first = e.errors()[0]
+        return f"invalid {e.title}: {'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
+    return str(e)
 
 
 @click.group()
@@ -179,7 +190,8 @@ async def _convert_all(refs: list[ImageRef], options: ConvertOptions, jobs: int,
                     result = await ImageConverter(client, options, progress).convert(ref)
                 except FAILURES as e:
                     all_ok = False
-                    _fail(f"{ref}: {e}" if str(ref) not in str(e) else str(e))
+                    text = _describe(e)
+                    _fail(text if str(ref) in text else f"{ref}: {text}")
                     return
                 except Exception as e:  # a bug: still one line, traceback with -v
                     all_ok = False
@@ -231,7 +243,7 @@ def _with_image(ref_text: str, plain_http: bool, platform: str | None,
     try:
         code = _run(go())
     except FAILURES as e:
-        _fail(str(e))
+        _fail(_describe(e))
         sys.exit(1)
     except Exception as e:  # a bug: still one line, traceback with -vv
         logging.getLogger(__name__).debug("internal error", exc_info=True)

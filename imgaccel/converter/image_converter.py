@@ -22,6 +22,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pydantic import ValidationError
+
 from imgaccel.converter.layer_cache import LayerCache, empty_config
 from imgaccel.converter.options import ConvertOptions, Mode
 from imgaccel.formats import layer_index as li
@@ -100,10 +102,10 @@ class ImageConverter:
             raise ConversionError(f"{what}: unsupported manifest media type {manifest.media_type!r}")
         try:
             parsed = oci.ImageManifest.model_validate_json(manifest.data)
-        except ValueError as e:
-            raise ConversionError(
-                f"{what}: malformed manifest: {e.errors()[0]['msg'] if hasattr(e, 'errors') else e}"
-            ) from e
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ConversionError(f"{what}: malformed manifest: {where}: {first['msg']}") from e
         if parsed.config.mediaType not in oci.IMAGE_CONFIG_TYPES:
             kind = parsed.artifactType or parsed.config.mediaType
             raise NotConvertible(f"{what}: not a container image (config media type {kind})")
@@ -309,11 +311,12 @@ class ImageConverter:
     async def _layers(
         self, repo: str, image: _PlatformImage, mode: Mode, result: ConvertResult
     ) -> list[oci.Descriptor]:
-        tasks = [
-            self._convert_layer(repo, layer, diff_id, mode, result)
-            for layer, diff_id in zip(image.parsed.layers, image.config.rootfs.diff_ids, strict=True)
-        ]
-        out = list(await asyncio.gather(*tasks))
+        unique: dict[str, tuple[oci.Descriptor, str]] = {}  # a layer repeated in the image converts once
+        for layer, diff_id in zip(image.parsed.layers, image.config.rootfs.diff_ids, strict=True):
+            unique.setdefault(layer.digest, (layer, diff_id))
+        tasks = [self._convert_layer(repo, layer, diff_id, mode, result) for layer, diff_id in unique.values()]
+        converted = dict(zip(unique, await asyncio.gather(*tasks), strict=True))
+        out = [converted[layer.digest] for layer in image.parsed.layers]
         result.size_before += sum(layer.size for layer in image.parsed.layers)
         result.size_after += sum(d.size for d in out)
         return out
@@ -374,6 +377,10 @@ class ImageConverter:
             return await self._convert(ref)
         except RegistryError as e:
             raise ConversionError(str(e)) from e
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ConversionError(f"{ref}: malformed manifest or index: {where}: {first['msg']}") from e
 
     async def _convert(self, ref: ImageRef) -> ConvertResult:
         if ref.tag and ref.tag.endswith(self.options.suffix):

@@ -98,11 +98,11 @@ class Service:
         if not _authorized(self.config.events_auth, request):
             self.metrics.events.labels("unauthorized").inc()
             return _error(401, "missing or wrong credential")
-        if request.content_length is not None and request.content_length > self.config.max_body:
-            self.metrics.events.labels("too_large").inc()
-            return _error(413, f"body larger than {self.config.max_body} bytes")
-        body = await request.content.read(self.config.max_body + 1)
-        if len(body) > self.config.max_body:
+        try:
+            if request.content_length is not None and request.content_length > self.config.max_body:
+                raise web.HTTPRequestEntityTooLarge(self.config.max_body, request.content_length)
+            body = await request.read()  # the application's client_max_size is max_body
+        except web.HTTPRequestEntityTooLarge:
             self.metrics.events.labels("too_large").inc()
             return _error(413, f"body larger than {self.config.max_body} bytes")
         try:
@@ -249,7 +249,7 @@ class Service:
     # -- lifecycle -----------------------------------------------------------------------
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.config.max_body + 1)
+        app = web.Application(client_max_size=self.config.max_body)
         app.router.add_post("/events", self.events)
         app.router.add_get("/api/v1/jobs", self.list_jobs)
         app.router.add_post("/api/v1/jobs", self.create_job)

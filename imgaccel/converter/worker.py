@@ -39,8 +39,13 @@ class RegistryClients:
         self._config = config
         self._clients: dict[str, RegistryClient] = {}
         self._stack = AsyncExitStack()
+        self._lock = asyncio.Lock()
 
     async def get(self, endpoint: str) -> RegistryClient:
+        async with self._lock:
+            return await self._get(endpoint)
+
+    async def _get(self, endpoint: str) -> RegistryClient:
         if endpoint not in self._clients:
             reg = self._config.registry(endpoint)
             client = RegistryClient(
