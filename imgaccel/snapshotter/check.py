@@ -101,7 +101,8 @@ def _stack(layers: list[list[tuple[str, Record]]]) -> dict[str, Record]:
         for name, _ in records:
             d, base = posixpath.split(name)
             if base == ".wh..wh..opq":
-                for k in [k for k in tree if k.startswith(d + "/")]:
+                prefix = d + "/" if d else ""  # an opaque root hides every lower entry
+                for k in [k for k in tree if k.startswith(prefix)]:
                     del tree[k]
             elif base.startswith(".wh."):
                 gone = posixpath.join(d, base[4:])
