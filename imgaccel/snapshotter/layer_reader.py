@@ -2,18 +2,24 @@
 
 A read maps to the chunks covering it; runs of adjacent chunks are fetched with one Range
 request, each chunk is decoded and verified (``indexer.chunk_decoder``) before any byte of it
-is returned. A small LRU keeps recently decoded chunks for sequential reads.
+is returned. A small in-memory LRU keeps recently decoded chunks for sequential reads; an optional
+``ChunkCache`` keeps verified chunks (or 1 MiB blocks) on disk across reads, mounts and
+processes. A chunk that fails verification is fetched once more, then the read fails.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Protocol
 
-from imgaccel.formats.layer_index import LayerIndex
+from imgaccel.formats.layer_index import BLOCK_SIZE, LayerIndex
 from imgaccel.indexer.chunk_decoder import ChunkVerificationError, decode_chunk
+from imgaccel.snapshotter.chunk_cache import ChunkCache
+
+log = logging.getLogger(__name__)
 
 
 class RangeFetcher(Protocol):
@@ -29,6 +35,8 @@ class ReadStats:
     requests: int = 0
     bytes_fetched: int = 0
     chunks_decoded: int = 0
+    refetches: int = 0
+    verification_failures: int = 0
 
 
 class LayerReader:
@@ -43,6 +51,7 @@ class LayerReader:
         *,
         blob_size: int = 0,
         index_size: int = 0,
+        disk_cache: ChunkCache | None = None,
     ) -> None:
         self.fetcher = fetcher
         self.repo = repo
@@ -51,6 +60,7 @@ class LayerReader:
         self.blob_size = blob_size  # size of the blob chunks are read from
         self.index_size = index_size  # bytes of the index blob or TOC frame
         self.windows = windows or []
+        self.disk_cache = disk_cache
         self.stats = ReadStats()
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._cache_chunks = cache_chunks
@@ -80,38 +90,85 @@ class LayerReader:
                 if p in self._cache and len(self._cache[p]) >= needed[p]:
                     self._cache.move_to_end(p)
                     out[p] = self._cache[p]
+                elif (cached := await self._from_disk(p, needed[p])) is not None:
+                    out[p] = cached
+                    self._remember(p, cached)
                 else:
                     missing.append(p)
             for run in _runs(missing):
                 start = self.index.chunks[run[0]].c_offset
-                stop = max(self.index.chunks[p].c_offset + self.index.chunks[p].c_size for p in run)
-                try:
-                    data = await self.fetcher.fetch_range(self.repo, self.blob_digest, start, stop)
-                except Exception as e:
-                    raise ChunkReadError(
-                        f"{self.repo}@{self.blob_digest}: fetching bytes {start}-{stop - 1}: {e}"
-                    ) from e
-                self.stats.requests += 1
-                self.stats.bytes_fetched += len(data)
+                data = await self._fetch(start, max(self._c_end(p) for p in run))
                 for p in run:
                     c = self.index.chunks[p]
-                    piece = data[c.c_offset - start : c.c_offset - start + c.c_size]
-                    window = self.windows[c.window] if c.window >= 0 else b""
+                    piece = data[c.c_offset - start : self._c_end(p) - start]
                     try:
-                        decoded = await asyncio.to_thread(
-                            decode_chunk, self.index.encoding, piece, c, window, needed[p]
-                        )
-                    except ChunkVerificationError as e:
-                        raise ChunkReadError(
-                            f"{self.repo}@{self.blob_digest}: chunk {p} (uncompressed {c.u_offset}-"
-                            f"{c.u_offset + c.u_size - 1}) failed verification: {e}"
-                        ) from e
-                    self.stats.chunks_decoded += 1
+                        decoded = await self._decode(p, piece, needed[p])
+                    except ChunkVerificationError as e:  # refetch once: a transient bad transfer
+                        log.warning("%s@%s chunk %d failed verification (%s); fetching it again",
+                                    self.repo, self.blob_digest, p, e)  # fmt: skip
+                        self.stats.refetches += 1
+                        try:
+                            decoded = await self._decode(p, await self._fetch(c.c_offset, self._c_end(p)), needed[p])
+                        except ChunkVerificationError as e2:
+                            self.stats.verification_failures += 1
+                            raise ChunkReadError(
+                                f"{self.repo}@{self.blob_digest}: chunk {p} (uncompressed {c.u_offset}-"
+                                f"{c.u_offset + c.u_size - 1}) failed verification: {e2}"
+                            ) from e2
                     out[p] = decoded
-                    self._cache[p] = decoded
-                    while len(self._cache) > self._cache_chunks:
-                        self._cache.popitem(last=False)
+                    self._remember(p, decoded)
+                    await self._to_disk(p, decoded)
         return out
+
+    def _c_end(self, p: int) -> int:
+        c = self.index.chunks[p]
+        return c.c_offset + c.c_size
+
+    async def _fetch(self, start: int, stop: int) -> bytes:
+        try:
+            data = await self.fetcher.fetch_range(self.repo, self.blob_digest, start, stop)
+        except Exception as e:
+            raise ChunkReadError(f"{self.repo}@{self.blob_digest}: fetching bytes {start}-{stop - 1}: {e}") from e
+        self.stats.requests += 1
+        self.stats.bytes_fetched += len(data)
+        return data
+
+    async def _decode(self, p: int, piece: bytes, needed: int) -> bytes:
+        c = self.index.chunks[p]
+        window = self.windows[c.window] if c.window >= 0 else b""
+        decoded = await asyncio.to_thread(decode_chunk, self.index.encoding, piece, c, window, needed)
+        self.stats.chunks_decoded += 1
+        return decoded
+
+    def _remember(self, p: int, decoded: bytes) -> None:
+        self._cache[p] = decoded
+        while len(self._cache) > self._cache_chunks:
+            self._cache.popitem(last=False)
+
+    async def _from_disk(self, p: int, needed: int) -> bytes | None:
+        """The chunk (or its first ``needed`` bytes, whole blocks) from the disk cache."""
+        if self.disk_cache is None:
+            return None
+        c = self.index.chunks[p]
+        if not c.blocks:
+            return await asyncio.to_thread(self.disk_cache.get, c.digest)
+        parts = []
+        for i in range(-(-needed // BLOCK_SIZE) if needed else 1):
+            block = await asyncio.to_thread(self.disk_cache.get, c.blocks[i])
+            if block is None:
+                return None
+            parts.append(block)
+        return b"".join(parts)
+
+    async def _to_disk(self, p: int, decoded: bytes) -> None:
+        if self.disk_cache is None:
+            return
+        c = self.index.chunks[p]
+        if not c.blocks:
+            await asyncio.to_thread(self.disk_cache.put, c.digest, decoded)
+            return
+        for i in range(0, len(decoded), BLOCK_SIZE):
+            await asyncio.to_thread(self.disk_cache.put, c.blocks[i // BLOCK_SIZE], decoded[i : i + BLOCK_SIZE])
 
 
 def _runs(positions: list[int]) -> list[list[int]]:

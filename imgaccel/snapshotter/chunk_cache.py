@@ -1,0 +1,126 @@
+"""On-disk cache of verified chunk bytes, content-addressed by digest.
+
+Entries are the *uncompressed, verified* bytes of a chunk (full mode: keyed by the chunk
+digest) or of a 1 MiB block of a chunk (index mode: keyed by the block digest), so identical
+data of different layers and images is stored once. Files are written to a temporary name and
+renamed into place, so several mounts and processes can share one cache; an entry is hashed
+again on every read and a damaged one is deleted and reported as a miss, never served. The
+cache is bounded: when it grows past ``limit`` bytes the least recently used entries (by
+modification time, refreshed on every hit) are evicted under an exclusive lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+DEFAULT_LIMIT = 10 << 30
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    corrupt: int = 0
+    bytes_served: int = 0
+    bytes_stored: int = 0
+    evicted: int = 0
+
+
+class ChunkCache:
+    def __init__(self, root: Path, limit: int = DEFAULT_LIMIT) -> None:
+        self.root = root
+        self.limit = limit
+        self.stats = CacheStats()
+        (root / "chunks").mkdir(parents=True, exist_ok=True)
+        self._lock_path = root / "lock"
+        self._size = self._scan_size()
+
+    def _path(self, digest: str) -> Path:
+        hexd = digest.split(":", 1)[-1]
+        if len(hexd) != 64 or not all(c in "0123456789abcdef" for c in hexd):
+            raise ValueError(f"not a sha256 digest: {digest!r}")
+        return self.root / "chunks" / hexd[:2] / hexd
+
+    def _scan_size(self) -> int:
+        total = 0
+        for dirpath, _, files in os.walk(self.root / "chunks"):
+            for f in files:
+                with contextlib.suppress(OSError):
+                    total += os.path.getsize(os.path.join(dirpath, f))
+        return total
+
+    def get(self, digest: str) -> bytes | None:
+        """The verified bytes for ``digest``, or None (missing or damaged: refetch)."""
+        path = self._path(digest)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            self.stats.misses += 1
+            return None
+        if "sha256:" + hashlib.sha256(data).hexdigest() != ("sha256:" + digest.split(":", 1)[-1]):
+            self.stats.corrupt += 1
+            log.warning("chunk cache: %s is damaged; dropping it and fetching again", path)
+            path.unlink(missing_ok=True)
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(path)  # least recently *used*
+        self.stats.hits += 1
+        self.stats.bytes_served += len(data)
+        return data
+
+    def put(self, digest: str, data: bytes) -> None:
+        """Store bytes the caller has verified against ``digest``."""
+        path = self._path(digest)
+        if path.exists():
+            return
+        path.parent.mkdir(exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self._size += len(data)
+        self.stats.bytes_stored += len(data)
+        if self._size > self.limit:
+            self.evict()
+
+    def evict(self, target: float = 0.9) -> int:
+        """Delete least recently used entries until the cache is under ``target * limit``."""
+        with open(self._lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            entries = []
+            for dirpath, _, files in os.walk(self.root / "chunks"):
+                for f in files:
+                    p = os.path.join(dirpath, f)
+                    try:
+                        st = os.stat(p)
+                    except FileNotFoundError:
+                        continue
+                    entries.append((st.st_mtime_ns, st.st_size, p))
+            self._size = sum(size for _, size, _ in entries)
+            removed = 0
+            for _, size, p in sorted(entries):
+                if self._size <= self.limit * target:
+                    break
+                try:
+                    os.unlink(p)
+                except FileNotFoundError:
+                    continue
+                self._size -= size
+                removed += 1
+            self.stats.evicted += removed
+            return removed
+
+    def size(self) -> int:
+        return self._scan_size()

@@ -1,0 +1,100 @@
+"""The on-disk chunk cache under the lazy reader: shared, verified on read, bounded, refetching."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+from pathlib import Path
+
+import pytest
+
+from fixtures.build_images import Member, real_bytes, tar_bytes
+from imgaccel.indexer.full_encoder import encode_full_layer
+from imgaccel.indexer.seekable_index import build_seekable_index
+from imgaccel.snapshotter.chunk_cache import ChunkCache
+from imgaccel.snapshotter.layer_reader import ChunkReadError, LayerReader
+from tests.helpers import sha256
+
+
+class Ranges:
+    """Range reads from a local file; ``corrupt`` damages that many of the next responses."""
+
+    def __init__(self, path: Path) -> None:
+        self.data = path.read_bytes()
+        self.corrupt = 0
+        self.calls = 0
+
+    async def fetch_range(self, repo: str, digest: str, start: int, end: int) -> bytes:
+        self.calls += 1
+        data = self.data[start:end]
+        if self.corrupt:
+            self.corrupt -= 1
+            mid = len(data) // 2
+            data = data[:mid] + bytes([data[mid] ^ 0xFF]) + data[mid + 1 :]
+        return data
+
+
+@pytest.fixture(scope="module")
+def tar() -> bytes:
+    return tar_bytes([Member(f"f{i}", real_bytes(300_000 + i * 7_919, f"lib{chr(97 + i)}")) for i in range(20)])
+
+
+def readers(tmp_path: Path, tar: bytes, mode: str, cache: ChunkCache) -> tuple[Ranges, LayerReader]:
+    if mode == "index":
+        blob = tmp_path / "layer.gz"
+        blob.write_bytes(gzip.compress(tar))
+        built = build_seekable_index(str(blob), "gzip", sha256(blob.read_bytes()), sha256(tar), 1 << 20)
+        ranges = Ranges(blob)
+        return ranges, LayerReader(ranges, "r", "d", built.index, built.windows, disk_cache=cache)
+    src = tmp_path / "layer.tar"
+    src.write_bytes(tar)
+    out = tmp_path / "layer.zst"
+    enc = encode_full_layer(str(src), "tar", str(out), chunk_size=1 << 20)
+    ranges = Ranges(out)
+    return ranges, LayerReader(ranges, "r", enc.digest, enc.index, disk_cache=cache)
+
+
+@pytest.mark.parametrize("mode", ["index", "full"])
+def test_shared_cache_serves_second_reader(tmp_path: Path, tar: bytes, mode: str) -> None:
+    cache = ChunkCache(tmp_path / "cache")
+    _, first = readers(tmp_path, tar, mode, cache)
+    assert asyncio.run(first.read(0, len(tar))) == tar
+    fetched = first.stats.bytes_fetched
+    assert fetched > 0
+    # Another reader (another mount, another process) with the same cache fetches nothing.
+    ranges2, second = readers(tmp_path, tar, mode, ChunkCache(tmp_path / "cache"))
+    assert asyncio.run(second.read(123_456, 2_000_000)) == tar[123_456:2_123_456]
+    assert second.stats.bytes_fetched == 0 and ranges2.calls == 0
+
+
+def test_damaged_cache_entry_is_refetched_not_served(tmp_path: Path, tar: bytes) -> None:
+    cache = ChunkCache(tmp_path / "cache")
+    _, reader = readers(tmp_path, tar, "full", cache)
+    assert asyncio.run(reader.read(0, len(tar))) == tar
+    victim = next(p for p in (tmp_path / "cache" / "chunks").rglob("*") if p.is_file())
+    victim.write_bytes(b"X" + victim.read_bytes()[1:])
+    fresh = ChunkCache(tmp_path / "cache")
+    ranges, again = readers(tmp_path, tar, "full", fresh)
+    assert asyncio.run(again.read(0, len(tar))) == tar
+    assert fresh.stats.corrupt == 1 and ranges.calls >= 1
+
+
+def test_tiny_cache_evicts_and_still_reads(tmp_path: Path, tar: bytes) -> None:
+    cache = ChunkCache(tmp_path / "cache", limit=3 << 20)
+    _, reader = readers(tmp_path, tar, "index", cache)
+    reader._cache_chunks = 1
+    for off in range(0, len(tar), 700_000):
+        assert asyncio.run(reader.read(off, 700_000)) == tar[off : off + 700_000]
+    assert cache.stats.evicted > 0 and cache.size() <= 3 << 20
+
+
+def test_bad_transfer_is_refetched_once_then_fails(tmp_path: Path, tar: bytes) -> None:
+    ranges, reader = readers(tmp_path, tar, "full", ChunkCache(tmp_path / "c1"))
+    ranges.corrupt = 1
+    assert asyncio.run(reader.read(0, 100_000)) == tar[:100_000]
+    assert reader.stats.refetches == 1
+    ranges, reader = readers(tmp_path, tar, "full", ChunkCache(tmp_path / "c2"))
+    ranges.corrupt = 2
+    with pytest.raises(ChunkReadError, match="failed verification"):
+        asyncio.run(reader.read(0, 100_000))
+    assert not [p for p in (tmp_path / "c2" / "chunks").rglob("*") if p.is_file()]  # nothing unverified cached
