@@ -33,6 +33,7 @@ from imgaccel.snapshotter.check import compare, reference_tree
 from imgaccel.snapshotter.layer_reader import ChunkReadError
 from imgaccel.snapshotter.merged_view import PathError
 
+from .mount_commands import mount, umount
 from .service_commands import jobs, serve
 from .settings import load_settings
 
@@ -368,6 +369,8 @@ def inspect(ref: str, plain_http: bool, platform: str | None) -> None:
 
 main.add_command(serve)
 main.add_command(jobs)
+main.add_command(mount)
+main.add_command(umount)
 
 if __name__ == "__main__":
     main()

@@ -17,6 +17,7 @@ from imgaccel.formats import layer_index as li
 from imgaccel.formats import oci, toc
 from imgaccel.pusher.client import Manifest, RegistryClient
 from imgaccel.pusher.reference import ImageRef
+from imgaccel.snapshotter.chunk_cache import ChunkCache
 from imgaccel.snapshotter.layer_reader import LayerReader
 from imgaccel.snapshotter.merged_view import MergedView, Node, PathError
 
@@ -121,21 +122,31 @@ async def _read_toc(client: RegistryClient, repo: str, layer: oci.Descriptor) ->
     return index
 
 
-async def _full_layers(client: RegistryClient, ref: ImageRef, manifest: oci.ImageManifest) -> list[LayerReader]:
+async def _full_layers(
+    client: RegistryClient, ref: ImageRef, manifest: oci.ImageManifest, cache: ChunkCache | None
+) -> list[LayerReader]:
     readers = []
     for layer in manifest.layers:
         index = await _read_toc(client, ref.repository, layer)
-        readers.append(_toc_reader(client, ref, layer, index))
+        readers.append(_toc_reader(client, ref, layer, index, cache))
     return readers
 
 
-def _toc_reader(client: RegistryClient, ref: ImageRef, layer: oci.Descriptor, index: li.LayerIndex) -> LayerReader:
+def _toc_reader(
+    client: RegistryClient, ref: ImageRef, layer: oci.Descriptor, index: li.LayerIndex, cache: ChunkCache | None
+) -> LayerReader:
     toc_size = int((layer.annotations or {})[li.ANN_TOC_SIZE])
-    return LayerReader(client, ref.repository, layer.digest, index, blob_size=layer.size, index_size=toc_size)
+    return LayerReader(
+        client, ref.repository, layer.digest, index, blob_size=layer.size, index_size=toc_size, disk_cache=cache
+    )
 
 
 async def _index_layers(
-    client: RegistryClient, ref: ImageRef, source: oci.ImageManifest, artifact: oci.ImageManifest
+    client: RegistryClient,
+    ref: ImageRef,
+    source: oci.ImageManifest,
+    artifact: oci.ImageManifest,
+    cache: ChunkCache | None,
 ) -> list[LayerReader]:
     by_source = {(d.annotations or {}).get(li.ANN_LAYER_DIGEST): d for d in artifact.layers}
     readers = []
@@ -146,7 +157,7 @@ async def _index_layers(
             raise ImageOpenError(f"{what}: the index artifact has no index for this layer")
         if desc.mediaType != li.INDEX_BLOB_MEDIA_TYPE:  # a full-mode copy (--fallback full)
             index = await _read_toc(client, ref.repository, desc)
-            readers.append(_toc_reader(client, ref, desc, index))
+            readers.append(_toc_reader(client, ref, desc, index, cache))
             continue
         blob = await client.read_blob(ref.repository, desc.digest, MAX_INDEX_BLOB)
         try:
@@ -157,13 +168,22 @@ async def _index_layers(
             raise ImageOpenError(f"{what}: index {desc.digest} describes another blob ({index.blob_digest})")
         readers.append(
             LayerReader(
-                client, ref.repository, layer.digest, index, windows, blob_size=layer.size, index_size=desc.size
+                client,
+                ref.repository,
+                layer.digest,
+                index,
+                windows,
+                blob_size=layer.size,
+                index_size=desc.size,
+                disk_cache=cache,
             )
         )
     return readers
 
 
-async def open_image(client: RegistryClient, ref: ImageRef, platform: str | None = None) -> AcceleratedImage:
+async def open_image(
+    client: RegistryClient, ref: ImageRef, platform: str | None = None, cache: ChunkCache | None = None
+) -> AcceleratedImage:
     """Open ``ref`` (an ``_accelerated`` or ``_containerd_accelerated`` image, or a source
     image with an index attached as a referrer) for lazy reading."""
     wanted = platform or host_platform_label()
@@ -180,7 +200,7 @@ async def open_image(client: RegistryClient, ref: ImageRef, platform: str | None
     parsed = oci.ImageManifest.model_validate_json(manifest.data)
     ann = parsed.annotations or {}
     if ann.get(li.ANN_MODE) == "full":
-        layers = await _full_layers(client, ref, parsed)
+        layers = await _full_layers(client, ref, parsed, cache)
         mode, source = "full", ann.get(li.ANN_SOURCE_DIGEST)
     else:
         artifact = await _index_artifact(client, ref, manifest, candidates)
@@ -190,7 +210,7 @@ async def open_image(client: RegistryClient, ref: ImageRef, platform: str | None
             )
         if artifact is None:
             raise ImageOpenError(f"{ref}: not an accelerated image (no imgaccel index for {manifest.digest})")
-        layers = await _index_layers(client, ref, parsed, artifact)
+        layers = await _index_layers(client, ref, parsed, artifact, cache)
         mode, source = "index", manifest.digest
     view = MergedView([layer.index.entries for layer in layers])
     return AcceleratedImage(ref, mode, manifest.digest, source, layers, view)

@@ -1,0 +1,97 @@
+"""``imgaccel mount`` / ``umount``: serve an accelerated image as a read-only FUSE filesystem."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from imgaccel.snapshotter.chunk_cache import DEFAULT_LIMIT, ChunkCache
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "imgaccel" / "chunks"
+
+
+@click.command()
+@click.argument("ref")
+@click.argument("mountpoint", type=click.Path(file_okay=False, exists=True))
+@click.option("--platform", help="os/arch[/variant] to mount (default: this machine's).")
+@click.option("--plain-http", is_flag=True, help="Speak HTTP, not HTTPS, to the registry.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=default_cache_dir,
+              show_default="$XDG_CACHE_HOME/imgaccel/chunks", help="Chunk cache shared by every mount.")  # fmt: skip
+@click.option("--cache-size", default=str(DEFAULT_LIMIT), help="Chunk cache limit (e.g. 10GiB).")
+@click.option("--daemon", is_flag=True, help="Mount in the background; returns once the mount is ready.")
+@click.option("--pid-file", type=click.Path(dir_okay=False, path_type=Path), help="With --daemon: write the pid here.")
+@click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), help="With --daemon: log here.")
+def mount(ref: str, mountpoint: str, platform: str | None, plain_http: bool, cache_dir: Path, cache_size: str,
+          daemon: bool, pid_file: Path | None, log_file: Path | None) -> None:  # fmt: skip
+    """Mount REF read-only at MOUNTPOINT (merged layers), fetching chunks as they are read."""
+    from imgaccel.cli.main import FAILURES, _client, _describe, _fail, _ref, _size
+
+    if daemon:
+        _daemonize(mountpoint, pid_file, log_file)
+        return
+    parsed = _ref(ref)
+    try:
+        limit = _size(cache_size)
+    except ValueError:
+        raise click.UsageError(f"--cache-size: {cache_size!r} is not a size") from None
+    cache = ChunkCache(cache_dir, limit)
+
+    async def go() -> None:
+        from imgaccel.snapshotter.accelerated_image import open_image
+        from imgaccel.snapshotter.fuse_fs import serve_mount
+
+        async with _client(parsed, plain_http) as client:
+            image = await open_image(client, parsed, platform, cache)
+            await serve_mount(image, mountpoint, lambda: logging.getLogger(__name__).info("mounted %s", parsed))
+
+    try:
+        asyncio.run(go())
+    except FAILURES as e:
+        _fail(_describe(e))
+        sys.exit(1)
+    except RuntimeError as e:  # pyfuse3: mounting failed
+        _fail(f"{mountpoint}: cannot mount: {e}")
+        sys.exit(1)
+
+
+def _daemonize(mountpoint: str, pid_file: Path | None, log_file: Path | None) -> None:
+    """Re-run this command without --daemon in a new session; wait until the mount is up."""
+    args = [a for a in sys.argv[1:] if a != "--daemon"]
+    log = open(log_file or os.devnull, "ab")  # noqa: SIM115 - handed to the child
+    child = subprocess.Popen([sys.executable, "-m", "imgaccel.cli.main", *args], stdout=log, stderr=log,
+                             stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not os.path.ismount(mountpoint):
+        if child.poll() is not None:
+            raise click.ClickException(f"mount failed (exit {child.returncode}); see {log_file or 'the log'}")
+        if time.monotonic() > deadline:
+            child.terminate()
+            raise click.ClickException("mount did not come up within 60 s")
+        time.sleep(0.05)
+    if pid_file:
+        pid_file.write_text(f"{child.pid}\n")
+    click.echo(f"mounted at {mountpoint} (pid {child.pid})")
+
+
+@click.command()
+@click.argument("mountpoint", type=click.Path(file_okay=False, exists=True))
+def umount(mountpoint: str) -> None:
+    """Unmount an imgaccel mount."""
+    tool = shutil.which("fusermount3") or shutil.which("umount")
+    if tool is None:
+        raise click.ClickException("neither fusermount3 nor umount is installed")
+    args = [tool, "-u", mountpoint] if tool.endswith("fusermount3") else [tool, mountpoint]
+    result = subprocess.run(args, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise click.ClickException(f"{mountpoint}: {result.stderr.strip() or 'unmount failed'}")

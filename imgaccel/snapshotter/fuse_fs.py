@@ -1,0 +1,194 @@
+"""A read-only FUSE filesystem over an ``AcceleratedImage`` (pyfuse3 on the asyncio loop).
+
+FUSE is a thin adapter: lookups, attributes, directory listings, links and xattrs come from
+the ``MergedView``; file bytes come from ``AcceleratedImage.read_node`` (so from the chunk
+caches or verified Range reads). Hardlinks share one inode number. The mount is read-only
+(writes fail with EROFS); a chunk that cannot be fetched or verified makes the read fail with
+EIO, and the failure is logged with the layer, chunk and registry named.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import errno
+import logging
+import os
+import signal
+import stat
+from collections.abc import Callable
+
+import pyfuse3
+import pyfuse3.asyncio
+
+from imgaccel.snapshotter.accelerated_image import AcceleratedImage
+from imgaccel.snapshotter.layer_reader import ChunkReadError
+from imgaccel.snapshotter.merged_view import Node, PathError, normalize_path
+
+log = logging.getLogger(__name__)
+_TYPE_BITS = {
+    "reg": stat.S_IFREG,
+    "hardlink": stat.S_IFREG,
+    "dir": stat.S_IFDIR,
+    "symlink": stat.S_IFLNK,
+    "char": stat.S_IFCHR,
+    "block": stat.S_IFBLK,
+    "fifo": stat.S_IFIFO,
+}
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC | os.O_CREAT
+_TIMEOUT = 3600.0  # the tree never changes: let the kernel cache entries and attributes
+
+
+class ImageFS(pyfuse3.Operations):
+    def __init__(self, image: AcceleratedImage) -> None:
+        super().__init__()
+        self.image = image
+        self._nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: image.view.root}
+        self._children: dict[int, dict[bytes, int]] = {pyfuse3.ROOT_INODE: {}}
+        self._nlink: dict[int, int] = {pyfuse3.ROOT_INODE: 2}
+        self._assign_inodes()
+
+    def _assign_inodes(self) -> None:
+        by_path: dict[str, int] = {"": pyfuse3.ROOT_INODE}
+        walk = self.image.view.walk()
+        next_ino = pyfuse3.ROOT_INODE + 1
+        links: list[tuple[str, Node]] = []
+        for path, node in walk:  # parents come before their children
+            if node.entry.type == "hardlink":
+                links.append((path, node))
+                continue
+            by_path[path] = next_ino
+            self._place(path, node, next_ino, by_path)
+            next_ino += 1
+        for path, node in links:
+            target = normalize_path(node.entry.linkname)
+            ino = by_path.get(target) if target is not None else None
+            shared = ino is not None and self._nodes[ino].layer == node.layer and self._nodes[ino].entry.type == "reg"
+            if not shared:
+                ino, next_ino = next_ino, next_ino + 1
+            assert ino is not None
+            by_path[path] = ino
+            self._place(path, node, ino, by_path)
+
+    def _place(self, path: str, node: Node, ino: int, by_path: dict[str, int]) -> None:
+        parent, _, name = path.rpartition("/")
+        parent_ino = by_path[parent]
+        self._children[parent_ino][os.fsencode(name)] = ino
+        if ino not in self._nodes:
+            self._nodes[ino] = node
+            self._nlink[ino] = 0
+        self._nlink[ino] += 1
+        if node.entry.type == "dir":
+            self._children[ino] = {}
+            self._nlink[ino] += 1
+            self._nlink[parent_ino] += 1
+
+    def _node(self, inode: int) -> Node:
+        try:
+            return self._nodes[inode]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        e = node.entry
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = inode
+        attrs.st_mode = _TYPE_BITS[e.type] | (e.mode & 0o7777)
+        attrs.st_nlink = self._nlink.get(inode, 1)
+        attrs.st_uid, attrs.st_gid = e.uid, e.gid
+        if e.type in ("reg", "hardlink"):
+            attrs.st_size = self.image.view.data_entry(node).size
+        elif e.type == "symlink":
+            attrs.st_size = len(os.fsencode(e.linkname))
+        elif e.type == "dir":
+            attrs.st_size = 4096
+        if e.type in ("char", "block"):
+            attrs.st_rdev = os.makedev(e.devmajor, e.devminor)
+        ns = int(e.mtime * 1e9)
+        attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = ns
+        attrs.st_blksize = 4096
+        attrs.st_blocks = (attrs.st_size + 511) // 512
+        attrs.entry_timeout = attrs.attr_timeout = _TIMEOUT
+        return attrs
+
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        children = self._children.get(parent_inode)
+        if children is None:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        ino = children.get(name)
+        if ino is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return await self.getattr(ino)
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if inode not in self._children:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        entries = sorted(self._children[fh].items())
+        for i, (name, ino) in enumerate(entries[start_id:], start_id):
+            if not pyfuse3.readdir_reply(token, name, await self.getattr(ino), i + 1):
+                break
+
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        e = self._node(inode).entry
+        if e.type != "symlink":
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return os.fsencode(e.linkname)
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if flags & _WRITE_FLAGS:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if self._node(inode).entry.type not in ("reg", "hardlink"):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        node = self._node(fh)
+        try:
+            return await self.image.read_node(node, off, size)
+        except ChunkReadError as e:
+            log.error("read of inode %d failed (registry %s): %s", fh, self.image.ref.registry, e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except PathError as e:
+            log.error("read of inode %d: %s", fh, e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        value = self._node(inode).entry.xattrs.get(os.fsdecode(name))
+        if value is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return base64.b64decode(value)
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return [os.fsencode(k) for k in self._node(inode).entry.xattrs]
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        st = pyfuse3.StatvfsData()
+        st.f_bsize = st.f_frsize = 4096
+        st.f_blocks = sum(layer.index.uncompressed_size for layer in self.image.layers) // 4096
+        st.f_files = len(self._nodes)
+        st.f_namemax = 255
+        return st
+
+
+async def serve_mount(image: AcceleratedImage, mountpoint: str, ready: Callable[[], None] | None = None) -> None:
+    """Mount ``image`` read-only at ``mountpoint`` until unmounted or signalled."""
+    pyfuse3.asyncio.enable()
+    fs = ImageFS(image)
+    options = set(pyfuse3.default_options)
+    options |= {"ro", "fsname=imgaccel", "subtype=imgaccel", "default_permissions"}
+    if os.geteuid() == 0:
+        options.add("allow_other")  # a container's processes run as other users
+    pyfuse3.init(fs, mountpoint, options)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, pyfuse3.terminate)
+    if ready:
+        ready()
+    try:
+        await pyfuse3.main()
+    finally:
+        pyfuse3.close(unmount=True)

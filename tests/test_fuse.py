@@ -1,0 +1,170 @@
+"""Real FUSE mounts of converted images: the whole tree, read-only, EIO on bad bytes, runc."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import json
+import os
+import shutil
+import stat
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fixtures.build_images import BIG_FILE_SIZE, push, unique_image
+from imgaccel.pusher.client import RegistryClient
+from imgaccel.pusher.reference import parse_reference
+from imgaccel.snapshotter.check import Record, reference_tree
+from tests.helpers import get_json, run_cli
+from tests.registry import Registry
+
+MISSING = [t for t in ("fusermount3",) if shutil.which(t) is None]
+pytestmark = [
+    pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="/dev/fuse is missing"),
+    pytest.mark.skipif(bool(MISSING), reason="fusermount3 is missing (scripts/install installs fuse3)"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="the mount tests run as root (allow_other, runc)"),
+]
+_KIND = {stat.S_IFREG: "reg", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink", stat.S_IFCHR: "char",
+         stat.S_IFBLK: "block", stat.S_IFIFO: "fifo"}  # fmt: skip
+
+
+class Mount:
+    def __init__(self, ref: str, where: Path, cache: Path) -> None:
+        self.ref, self.where, self.cache = ref, where, cache
+        where.mkdir(parents=True, exist_ok=True)
+        self.log = where.parent / f"{where.name}.log"
+
+    def __enter__(self) -> Path:
+        pid_file = self.where.parent / f"{self.where.name}.pid"
+        r = run_cli("mount", self.ref, str(self.where), "--daemon", "--cache-dir", str(self.cache),
+                    "--log-file", str(self.log), "--pid-file", str(pid_file))  # fmt: skip
+        assert r.code == 0, r.err + (self.log.read_text() if self.log.exists() else "")
+        return self.where
+
+    def __exit__(self, *exc: object) -> None:
+        run_cli("umount", str(self.where))
+        pid = int((self.where.parent / f"{self.where.name}.pid").read_text())
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+        os.kill(pid, 9)
+
+
+def expected_tree(source_ref: str) -> dict[str, Record]:
+    ref = parse_reference(source_ref)
+
+    async def go() -> dict[str, Record]:
+        async with RegistryClient(ref.registry) as client:
+            digest = (await client.get_manifest(ref.repository, ref.reference)).digest
+            return await reference_tree(client, ref, digest)
+
+    return asyncio.run(go())
+
+
+@pytest.fixture(scope="module")
+def expected(images: dict[str, str]) -> dict[str, Record]:
+    return expected_tree(images["app"])
+
+
+@pytest.mark.parametrize("mode", ["index", "full"])
+def test_mounted_tree_matches_full_extraction(
+    converted: dict[str, str], expected: dict[str, Record], tmp_path: Path, mode: str
+) -> None:
+    with Mount(converted[mode], tmp_path / "mnt", tmp_path / "cache") as root:
+        seen = {}
+        for dirpath, dirs, files in os.walk(root):
+            for name in dirs + files:
+                p = Path(dirpath) / name
+                seen[str(p.relative_to(root))] = p
+        assert set(seen) == set(expected)
+        for rel, want in expected.items():
+            p = seen[rel]
+            st = os.lstat(p)
+            kind = "reg" if want.type == "hardlink" else want.type
+            assert _KIND[stat.S_IFMT(st.st_mode)] == kind, rel
+            if want.type != "dir" or rel in ("tmp", "bin"):
+                assert stat.S_IMODE(st.st_mode) == want.mode, rel
+            assert (st.st_uid, st.st_gid) == (want.uid, want.gid), rel
+            if want.type == "symlink":
+                assert os.readlink(p) == want.link, rel
+            if want.type in ("reg", "hardlink"):
+                assert hashlib.sha256(p.read_bytes()).hexdigest() == want.sha256, rel
+            xattrs = {k: os.getxattr(p, k, follow_symlinks=False) for k in os.listxattr(p, follow_symlinks=False)}
+            assert xattrs == want.xattrs, rel
+        assert os.stat(root / "data/hl-a").st_ino == os.stat(root / "data/hl-b").st_ino
+        assert os.stat(root / "data/hl-a").st_nlink == 2
+        assert os.stat(root / "data/setuid").st_mode & stat.S_ISUID
+        # Read-only: every kind of write fails with EROFS.
+        for attempt in (lambda: (root / "etc/motd").write_text("x"), lambda: (root / "newdir").mkdir(),
+                        lambda: (root / "etc/motd").unlink(), lambda: os.chmod(root / "etc/motd", 0o777)):  # fmt: skip
+            with pytest.raises(OSError) as err:
+                attempt()
+            assert err.value.errno == errno.EROFS
+
+
+def test_second_mount_reads_from_the_shared_cache(converted: dict[str, str], tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    with Mount(converted["index"], tmp_path / "a", cache) as root:
+        first = (root / "data/big.bin").read_bytes()
+    cached = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
+    assert cached >= BIG_FILE_SIZE
+    with Mount(converted["index"], tmp_path / "b", cache) as root:
+        assert (root / "data/big.bin").read_bytes() == first
+    assert sum(p.stat().st_size for p in cache.rglob("*") if p.is_file()) == cached  # nothing new fetched
+
+
+def test_corrupt_registry_blob_gives_eio(registry: Registry, tmp_path: Path) -> None:
+    ref = f"{registry.host}/fuse-corrupt/app:v1"
+    push(unique_image(tmp_path, "fuse-corrupt"), "v1", ref)
+    assert run_cli("convert", ref, "--mode", "full", "--no-cache").code == 0
+    layer = get_json(f"http://{registry.host}/v2/fuse-corrupt/app/manifests/v1_containerd_accelerated")["layers"][0]
+    path = registry.blob_path(layer["digest"])
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with Mount(ref + "_containerd_accelerated", tmp_path / "mnt", tmp_path / "cache") as root:
+        assert (root / "etc/motd").read_bytes() == b"unique\n"  # other chunks still read
+        with pytest.raises(OSError) as err:
+            (root / "data/big.bin").read_bytes()
+        assert err.value.errno == errno.EIO
+    log = (tmp_path / "mnt.log").read_text()
+    assert "failed verification" in log and layer["digest"] in log
+
+
+@pytest.mark.skipif(shutil.which("runc") is None, reason="runc is missing (scripts/install installs it)")
+def test_runc_runs_on_the_mount(converted: dict[str, str], tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    subprocess.run(["runc", "spec"], cwd=bundle, check=True)
+    with Mount(converted["full"], tmp_path / "rootfs", tmp_path / "cache") as root:
+        spec = json.loads((bundle / "config.json").read_text())
+        spec["root"] = {"path": str(root), "readonly": True}
+        spec["process"]["terminal"] = False
+        # runc's default spec keeps no CAP_DAC_OVERRIDE: the 0640 uid-1000 file must be refused.
+        script = "cat /opq/c.txt; sha256sum /bin/busybox; cat /data/big.bin >/dev/null 2>&1 || echo denied"
+        spec["process"]["args"] = ["/bin/sh", "-c", script]
+        (bundle / "config.json").write_text(json.dumps(spec))
+        run = subprocess.run(["runc", "run", "--bundle", str(bundle), f"imgaccel-{os.getpid()}"],
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        lines = run.stdout.splitlines()
+        assert lines[0] == "only this survives in opq"
+        assert lines[1].split()[0] == hashlib.sha256(Path("/bin/busybox").read_bytes()).hexdigest()
+        assert lines[2] == "denied"
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_mounts(tmp_path: Path) -> Iterator[None]:
+    yield
+    for p in tmp_path.iterdir():
+        if p.is_dir() and os.path.ismount(p):
+            subprocess.run(["fusermount3", "-u", str(p)], check=False)
