@@ -48,10 +48,11 @@ class Registry:
             self.process.wait()
 
 
-def start_registry(workdir: Path, extra_config: str = "") -> Registry:
+def start_registry(workdir: Path, extra_config: str = "", port: int | None = None) -> Registry:
+    """Start (or restart, with the same ``workdir`` and ``port``) a registry on 127.0.0.1."""
     if shutil.which("docker-registry") is None:
         raise RuntimeError("docker-registry is not installed (scripts/install installs it)")
-    port = free_port()
+    port = port or free_port()
     root = workdir / "storage"
     root.mkdir(parents=True, exist_ok=True)
     config = workdir / "config.yml"
@@ -70,7 +71,7 @@ http:
   addr: 127.0.0.1:{port}
 {extra_config}"""
     )
-    log = open(workdir / "registry.log", "wb")  # noqa: SIM115 - the registry process writes it
+    log = open(workdir / "registry.log", "ab")  # noqa: SIM115 - the registry process writes it
     proc = subprocess.Popen(
         ["docker-registry", "serve", str(config)],
         stdout=log,

@@ -21,7 +21,7 @@ from imgaccel.pusher.client import RegistryClient
 from imgaccel.pusher.reference import parse_reference
 from imgaccel.snapshotter.check import Record, reference_tree
 from tests.helpers import get_json, run_cli
-from tests.registry import Registry
+from tests.registry import Registry, start_registry
 
 MISSING = [t for t in ("fusermount3",) if shutil.which(t) is None]
 pytestmark = [
@@ -120,6 +120,14 @@ def test_second_mount_reads_from_the_shared_cache(converted: dict[str, str], tmp
     with Mount(converted["index"], tmp_path / "b", cache) as root:
         assert (root / "data/big.bin").read_bytes() == first
     assert sum(p.stat().st_size for p in cache.rglob("*") if p.is_file()) == cached  # nothing new fetched
+    r = run_cli("cache", "stats", "--cache-dir", str(cache))
+    assert r.code == 0 and f"{cached} bytes" in r.out
+    victim = next(p for p in cache.rglob("*") if p.is_file())
+    victim.write_bytes(b"damaged")
+    r = run_cli("cache", "verify", "--cache-dir", str(cache))
+    assert r.code == 1 and "1 damaged" in r.out and not victim.exists()
+    r = run_cli("cache", "gc", "--cache-dir", str(cache), "--max-size", "1MiB")
+    assert r.code == 0 and sum(p.stat().st_size for p in cache.rglob("*") if p.is_file()) <= 1 << 20
 
 
 def test_corrupt_registry_blob_gives_eio(registry: Registry, tmp_path: Path) -> None:
@@ -138,6 +146,28 @@ def test_corrupt_registry_blob_gives_eio(registry: Registry, tmp_path: Path) -> 
         assert err.value.errno == errno.EIO
     log = (tmp_path / "mnt.log").read_text()
     assert "failed verification" in log and layer["digest"] in log
+
+
+def test_registry_outage_gives_eio_and_the_mount_recovers(tmp_path: Path) -> None:
+    reg = start_registry(tmp_path / "reg")
+    port = int(reg.host.rsplit(":", 1)[1])
+    layout = unique_image(tmp_path, "outage")
+    ref = f"{reg.host}/outage/app:v1"
+    try:
+        push(layout, "v1", ref)
+        assert run_cli("convert", ref, "--mode", "full", "--no-cache").code == 0
+        with Mount(ref + "_containerd_accelerated", tmp_path / "mnt", tmp_path / "cache") as root:
+            assert (root / "etc/motd").read_bytes() == b"unique\n"
+            reg.stop()
+            with pytest.raises(OSError) as err:
+                (root / "data/big.bin").read_bytes()
+            assert err.value.errno == errno.EIO
+            assert os.path.ismount(root)  # the mount stays up
+            reg = start_registry(tmp_path / "reg", port=port)
+            data = (root / "data/big.bin").read_bytes()
+            assert len(data) == BIG_FILE_SIZE + len("outage")
+    finally:
+        reg.stop()
 
 
 @pytest.mark.skipif(shutil.which("runc") is None, reason="runc is missing (scripts/install installs it)")

@@ -33,7 +33,7 @@ from imgaccel.snapshotter.check import compare, reference_tree
 from imgaccel.snapshotter.layer_reader import ChunkReadError
 from imgaccel.snapshotter.merged_view import PathError
 
-from .mount_commands import mount, umount
+from .mount_commands import cache, mount, umount
 from .service_commands import jobs, serve
 from .settings import load_settings
 
@@ -371,6 +371,7 @@ main.add_command(serve)
 main.add_command(jobs)
 main.add_command(mount)
 main.add_command(umount)
+main.add_command(cache)
 
 if __name__ == "__main__":
     main()

@@ -95,3 +95,48 @@ def umount(mountpoint: str) -> None:
     result = subprocess.run(args, capture_output=True, text=True)
     if result.returncode != 0:
         raise click.ClickException(f"{mountpoint}: {result.stderr.strip() or 'unmount failed'}")
+
+
+@click.group()
+def cache() -> None:
+    """Inspect and maintain the local chunk cache."""
+
+
+cache_dir_opt = click.option(
+    "--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=default_cache_dir,
+    show_default="$XDG_CACHE_HOME/imgaccel/chunks",
+)  # fmt: skip
+
+
+@cache.command("stats")
+@cache_dir_opt
+def cache_stats(cache_dir: Path) -> None:
+    """Entries and bytes in the cache."""
+    entries = ChunkCache(cache_dir).entries()
+    click.echo(f"{cache_dir}: {len(entries)} entries, {sum(size for _, size in entries)} bytes")
+
+
+@cache.command("gc")
+@cache_dir_opt
+@click.option("--max-size", required=True, help="Evict least recently used entries down to this size.")
+def cache_gc(cache_dir: Path, max_size: str) -> None:
+    """Evict least recently used entries until the cache fits MAX_SIZE."""
+    from imgaccel.cli.main import _size
+
+    try:
+        limit = _size(max_size)
+    except ValueError:
+        raise click.UsageError(f"--max-size: {max_size!r} is not a size") from None
+    removed = ChunkCache(cache_dir, limit).evict(target=1.0)
+    click.echo(f"evicted {removed} entries")
+
+
+@cache.command("verify")
+@cache_dir_opt
+def cache_verify(cache_dir: Path) -> None:
+    """Re-hash every entry; damaged ones are removed (they are fetched again when needed)."""
+    checked, removed = ChunkCache(cache_dir).verify()
+    for p in removed:
+        click.echo(f"removed damaged entry {p}")
+    click.echo(f"verified {checked} entries, {len(removed)} damaged")
+    sys.exit(1 if removed else 0)

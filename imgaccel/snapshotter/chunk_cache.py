@@ -124,3 +124,25 @@ class ChunkCache:
 
     def size(self) -> int:
         return self._scan_size()
+
+    def entries(self) -> list[tuple[Path, int]]:
+        out = []
+        for dirpath, _, files in os.walk(self.root / "chunks"):
+            for f in files:
+                if f.startswith(".tmp-"):
+                    continue
+                p = Path(dirpath) / f
+                with contextlib.suppress(FileNotFoundError):
+                    out.append((p, p.stat().st_size))
+        return out
+
+    def verify(self) -> tuple[int, list[Path]]:
+        """Hash every entry; damaged ones are deleted. Returns (checked, removed)."""
+        removed = []
+        entries = self.entries()
+        for p, _ in entries:
+            data = p.read_bytes()
+            if hashlib.sha256(data).hexdigest() != p.name:
+                p.unlink(missing_ok=True)
+                removed.append(p)
+        return len(entries), removed
