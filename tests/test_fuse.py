@@ -34,15 +34,16 @@ _KIND = {stat.S_IFREG: "reg", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink", stat
 
 
 class Mount:
-    def __init__(self, ref: str, where: Path, cache: Path) -> None:
-        self.ref, self.where, self.cache = ref, where, cache
+    def __init__(self, ref: str, where: Path, cache: Path, metrics: Path | None = None) -> None:
+        self.ref, self.where, self.cache, self.metrics = ref, where, cache, metrics
         where.mkdir(parents=True, exist_ok=True)
         self.log = where.parent / f"{where.name}.log"
 
     def __enter__(self) -> Path:
         pid_file = self.where.parent / f"{self.where.name}.pid"
+        extra = ["--metrics-file", str(self.metrics)] if self.metrics else []
         r = run_cli("mount", self.ref, str(self.where), "--daemon", "--cache-dir", str(self.cache),
-                    "--log-file", str(self.log), "--pid-file", str(pid_file))  # fmt: skip
+                    "--log-file", str(self.log), "--pid-file", str(pid_file), *extra)  # fmt: skip
         assert r.code == 0, r.err + (self.log.read_text() if self.log.exists() else "")
         return self.where
 
@@ -113,8 +114,13 @@ def test_mounted_tree_matches_full_extraction(
 
 def test_second_mount_reads_from_the_shared_cache(converted: dict[str, str], tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    with Mount(converted["index"], tmp_path / "a", cache) as root:
+    metrics = tmp_path / "metrics.prom"
+    with Mount(converted["index"], tmp_path / "a", cache, metrics) as root:
         first = (root / "data/big.bin").read_bytes()
+    text = metrics.read_text()  # written once more when the mount ends
+    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    fetched = float(values["imgaccel_node_registry_bytes_total"])
+    assert fetched > 1_000_000 and "imgaccel_node_fetch_seconds_bucket" in text
     cached = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
     assert cached >= BIG_FILE_SIZE
     with Mount(converted["index"], tmp_path / "b", cache) as root:

@@ -32,8 +32,10 @@ def default_cache_dir() -> Path:
 @click.option("--daemon", is_flag=True, help="Mount in the background; returns once the mount is ready.")
 @click.option("--pid-file", type=click.Path(dir_okay=False, path_type=Path), help="With --daemon: write the pid here.")
 @click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), help="With --daemon: log here.")
+@click.option("--metrics-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write Prometheus metrics (bytes fetched, cache hits, latency) here every 5 s.")  # fmt: skip
 def mount(ref: str, mountpoint: str, platform: str | None, plain_http: bool, cache_dir: Path, cache_size: str,
-          daemon: bool, pid_file: Path | None, log_file: Path | None) -> None:  # fmt: skip
+          daemon: bool, pid_file: Path | None, log_file: Path | None, metrics_file: Path | None) -> None:  # fmt: skip
     """Mount REF read-only at MOUNTPOINT (merged layers), fetching chunks as they are read."""
     from imgaccel.cli.main import FAILURES, _client, _describe, _fail, _ref, _size
 
@@ -50,10 +52,17 @@ def mount(ref: str, mountpoint: str, platform: str | None, plain_http: bool, cac
     async def go() -> None:
         from imgaccel.snapshotter.accelerated_image import open_image
         from imgaccel.snapshotter.fuse_fs import serve_mount
+        from imgaccel.snapshotter.node_metrics import NodeMetrics
 
         async with _client(parsed, plain_http) as client:
             image = await open_image(client, parsed, platform, cache)
-            await serve_mount(image, mountpoint, lambda: logging.getLogger(__name__).info("mounted %s", parsed))
+            writer = asyncio.create_task(NodeMetrics(image).write_every(metrics_file)) if metrics_file else None
+            try:
+                await serve_mount(image, mountpoint, lambda: logging.getLogger(__name__).info("mounted %s", parsed))
+            finally:
+                if writer:
+                    writer.cancel()
+                    await asyncio.gather(writer, return_exceptions=True)
 
     try:
         asyncio.run(go())

@@ -10,8 +10,11 @@ processes. A chunk that fails verification is fetched once more, then the read f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -61,6 +64,10 @@ class LayerReader:
         self.index_size = index_size  # bytes of the index blob or TOC frame
         self.windows = windows or []
         self.disk_cache = disk_cache
+        self.on_fetch: Callable[[float], None] | None = None  # seconds per Range request (metrics)
+        self.readahead = True  # sequential reads prefetch the next chunk
+        self._last_end = -1
+        self._background: set[asyncio.Task[None]] = set()
         self.stats = ReadStats()
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._cache_chunks = cache_chunks
@@ -72,6 +79,9 @@ class LayerReader:
         positions = self.index.chunk_range(offset, end)
         needed = {p: min(end - self.index.chunks[p].u_offset, self.index.chunks[p].u_size) for p in positions}
         chunks = await self._chunks(needed)
+        if self.readahead and positions and offset == self._last_end:
+            self._read_ahead(positions[-1] + 1)
+        self._last_end = end
         parts = []
         for pos in positions:
             c = self.index.chunks[pos]
@@ -120,17 +130,34 @@ class LayerReader:
                     await self._to_disk(p, decoded)
         return out
 
+    def _read_ahead(self, p: int) -> None:
+        """Sequential reading: decode the next chunk in the background (errors are left for the
+        foreground read that needs it)."""
+        if p >= len(self.index.chunks) or p in self._cache or self._background:
+            return
+
+        async def fetch() -> None:
+            with contextlib.suppress(ChunkReadError):
+                await self._chunks({p: self.index.chunks[p].u_size})
+
+        task = asyncio.create_task(fetch())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     def _c_end(self, p: int) -> int:
         c = self.index.chunks[p]
         return c.c_offset + c.c_size
 
     async def _fetch(self, start: int, stop: int) -> bytes:
+        started = time.monotonic()
         try:
             data = await self.fetcher.fetch_range(self.repo, self.blob_digest, start, stop)
         except Exception as e:
             raise ChunkReadError(f"{self.repo}@{self.blob_digest}: fetching bytes {start}-{stop - 1}: {e}") from e
         self.stats.requests += 1
         self.stats.bytes_fetched += len(data)
+        if self.on_fetch is not None:
+            self.on_fetch(time.monotonic() - started)
         return data
 
     async def _decode(self, p: int, piece: bytes, needed: int) -> bytes:
