@@ -34,14 +34,14 @@ _KIND = {stat.S_IFREG: "reg", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink", stat
 
 
 class Mount:
-    def __init__(self, ref: str, where: Path, cache: Path, metrics: Path | None = None) -> None:
-        self.ref, self.where, self.cache, self.metrics = ref, where, cache, metrics
+    def __init__(self, ref: str, where: Path, cache: Path, metrics: Path | None = None, *args: str) -> None:
+        self.ref, self.where, self.cache, self.metrics, self.args = ref, where, cache, metrics, args
         where.mkdir(parents=True, exist_ok=True)
         self.log = where.parent / f"{where.name}.log"
 
     def __enter__(self) -> Path:
         pid_file = self.where.parent / f"{self.where.name}.pid"
-        extra = ["--metrics-file", str(self.metrics)] if self.metrics else []
+        extra = [*self.args, *(["--metrics-file", str(self.metrics)] if self.metrics else [])]
         r = run_cli("mount", self.ref, str(self.where), "--daemon", "--cache-dir", str(self.cache),
                     "--log-file", str(self.log), "--pid-file", str(pid_file), *extra)  # fmt: skip
         assert r.code == 0, r.err + (self.log.read_text() if self.log.exists() else "")
@@ -204,3 +204,32 @@ def _no_leftover_mounts(tmp_path: Path) -> Iterator[None]:
     for p in tmp_path.iterdir():
         if p.is_dir() and os.path.ismount(p):
             subprocess.run(["fusermount3", "-u", str(p)], check=False)
+
+
+def test_profile_record_push_and_prefetch(registry: Registry, tmp_path: Path) -> None:
+    ref = f"{registry.host}/profiled/app:v1"
+    push(unique_image(tmp_path, "profiled"), "v1", ref)
+    assert run_cli("convert", ref, "--mode", "full", "--no-cache").code == 0
+    target = ref + "_containerd_accelerated"
+    r = run_cli("record", target, "--label", "startup", "--cache-dir", str(tmp_path / "rec-cache"),
+                "--", "/bin/sha256sum", "/etc/motd", "/data/big.bin")  # fmt: skip
+    assert r.code == 0, r.err
+    assert "profile 'startup'" in r.out
+    # prefetch warms an empty cache with exactly what the command read.
+    r = run_cli("prefetch", target, "--label", "startup", "--cache-dir", str(tmp_path / "warm"))
+    assert r.code == 0, r.err
+    warm = sum(p.stat().st_size for p in (tmp_path / "warm").rglob("*") if p.is_file())
+    assert warm >= BIG_FILE_SIZE
+    assert run_cli("prefetch", target, "--label", "nope", "--cache-dir", str(tmp_path / "x")).code == 1
+    # A mount with an empty cache fetches the profile's chunks before anything asks for them.
+    metrics = tmp_path / "metrics.prom"
+    with Mount(target, tmp_path / "mnt", tmp_path / "empty-cache", metrics, "--label", "startup") as root:
+        deadline = time.monotonic() + 30
+        while sum(p.stat().st_size for p in (tmp_path / "empty-cache").rglob("*") if p.is_file()) < warm:
+            assert time.monotonic() < deadline, "the profile was not prefetched"
+            time.sleep(0.1)
+        assert (root / "data/big.bin").stat().st_size == BIG_FILE_SIZE + len("profiled")
+        assert len((root / "data/big.bin").read_bytes()) == BIG_FILE_SIZE + len("profiled")
+    values = dict(line.rsplit(" ", 1) for line in metrics.read_text().splitlines() if not line.startswith("#"))
+    layer = get_json(f"http://{registry.host}/v2/profiled/app/manifests/v1_containerd_accelerated")["layers"][0]
+    assert float(values["imgaccel_node_registry_bytes_total"]) <= layer["size"]  # no chunk was fetched twice

@@ -33,7 +33,7 @@ from imgaccel.snapshotter.check import compare, reference_tree
 from imgaccel.snapshotter.layer_reader import ChunkReadError
 from imgaccel.snapshotter.merged_view import PathError
 
-from .mount_commands import cache, mount, umount
+from .mount_commands import cache, mount, prefetch, record, umount
 from .service_commands import jobs, serve
 from .settings import load_settings
 
@@ -372,6 +372,8 @@ main.add_command(jobs)
 main.add_command(mount)
 main.add_command(umount)
 main.add_command(cache)
+main.add_command(record)
+main.add_command(prefetch)
 
 if __name__ == "__main__":
     main()

@@ -10,10 +10,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
 from imgaccel.snapshotter.chunk_cache import DEFAULT_LIMIT, ChunkCache
+
+log = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> Path:
@@ -32,10 +35,13 @@ def default_cache_dir() -> Path:
 @click.option("--daemon", is_flag=True, help="Mount in the background; returns once the mount is ready.")
 @click.option("--pid-file", type=click.Path(dir_okay=False, path_type=Path), help="With --daemon: write the pid here.")
 @click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), help="With --daemon: log here.")
+@click.option("--label", default="default", show_default=True, help="Hot-chunk profile to prefetch in the background.")
+@click.option("--no-prefetch", is_flag=True, help="Do not prefetch the image's hot-chunk profile.")
 @click.option("--metrics-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Write Prometheus metrics (bytes fetched, cache hits, latency) here every 5 s.")  # fmt: skip
 def mount(ref: str, mountpoint: str, platform: str | None, plain_http: bool, cache_dir: Path, cache_size: str,
-          daemon: bool, pid_file: Path | None, log_file: Path | None, metrics_file: Path | None) -> None:  # fmt: skip
+          daemon: bool, pid_file: Path | None, log_file: Path | None, label: str, no_prefetch: bool,
+          metrics_file: Path | None) -> None:  # fmt: skip
     """Mount REF read-only at MOUNTPOINT (merged layers), fetching chunks as they are read."""
     from imgaccel.cli.main import FAILURES, _client, _describe, _fail, _ref, _size
 
@@ -53,16 +59,22 @@ def mount(ref: str, mountpoint: str, platform: str | None, plain_http: bool, cac
         from imgaccel.snapshotter.accelerated_image import open_image
         from imgaccel.snapshotter.fuse_fs import serve_mount
         from imgaccel.snapshotter.node_metrics import NodeMetrics
+        from imgaccel.snapshotter.profiles import find_profile, replay_profile
 
         async with _client(parsed, plain_http) as client:
             image = await open_image(client, parsed, platform, cache)
-            writer = asyncio.create_task(NodeMetrics(image).write_every(metrics_file)) if metrics_file else None
+            background: list[asyncio.Task[Any]] = []
+            if metrics_file:
+                background.append(asyncio.create_task(NodeMetrics(image).write_every(metrics_file)))
+            if not no_prefetch and (profile := await find_profile(client, image, label)) is not None:
+                log.info("prefetching %d chunks of profile %r", len(profile.chunks), label)
+                background.append(asyncio.create_task(replay_profile(image, profile)))
             try:
-                await serve_mount(image, mountpoint, lambda: logging.getLogger(__name__).info("mounted %s", parsed))
+                await serve_mount(image, mountpoint, lambda: log.info("mounted %s", parsed))
             finally:
-                if writer:
-                    writer.cancel()
-                    await asyncio.gather(writer, return_exceptions=True)
+                for task in background:
+                    task.cancel()
+                await asyncio.gather(*background, return_exceptions=True)
 
     try:
         asyncio.run(go())
@@ -149,3 +161,112 @@ def cache_verify(cache_dir: Path) -> None:
         click.echo(f"removed damaged entry {p}")
     click.echo(f"verified {checked} entries, {len(removed)} damaged")
     sys.exit(1 if removed else 0)
+
+
+def _seconds(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600}
+    t = text.strip().lower()
+    return float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+
+
+@click.command(context_settings={"ignore_unknown_options": True})
+@click.argument("ref")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("--label", default="default", show_default=True, help="Profile name (e.g. the workload).")
+@click.option("--duration", default="30s", show_default=True, help="Stop recording after this long (30s, 2m).")
+@click.option("--platform", help="os/arch[/variant] (default: this machine's).")
+@click.option("--plain-http", is_flag=True)
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=default_cache_dir)
+@click.option("--no-push", is_flag=True, help="Print the profile instead of attaching it to the image.")
+def record(ref: str, command: tuple[str, ...], label: str, duration: str, platform: str | None, plain_http: bool,
+           cache_dir: Path, no_push: bool) -> None:  # fmt: skip
+    """Mount REF, run COMMAND chrooted into it, and record the chunks it reads, in order, as a
+    hot-chunk profile attached to the image (``imgaccel record REF -- python -c 'import x'``)."""
+    import tempfile
+
+    import pyfuse3
+
+    from imgaccel.cli.main import FAILURES, _client, _describe, _fail, _ref
+    from imgaccel.snapshotter.accelerated_image import open_image
+    from imgaccel.snapshotter.fuse_fs import serve_mount
+    from imgaccel.snapshotter.profiles import build_profile, push_profile
+
+    parsed = _ref(ref)
+    try:
+        limit = _seconds(duration)
+    except (ValueError, IndexError):
+        raise click.UsageError(f"--duration: {duration!r} is not a duration") from None
+
+    async def go() -> int:
+        async with _client(parsed, plain_http) as client:
+            image = await open_image(client, parsed, platform, ChunkCache(cache_dir))
+            with tempfile.TemporaryDirectory(prefix="imgaccel-record-") as mnt:
+                ready = asyncio.Event()
+                mounted = asyncio.create_task(serve_mount(image, mnt, ready.set))
+                await ready.wait()
+                proc = await asyncio.create_subprocess_exec("chroot", mnt, *command)
+                try:
+                    code = await asyncio.wait_for(proc.wait(), limit)
+                except TimeoutError:
+                    proc.terminate()
+                    code = await proc.wait()
+                pyfuse3.terminate()
+                await mounted
+            profile = build_profile(image, label)
+            if not profile.chunks:
+                _fail(f"{parsed}: the command (exit {code}) read no file data; no profile recorded")
+                return 1
+            size = sum(image.layers[c.layer].index.chunks[c.chunk].u_size for c in profile.chunks)
+            if no_push:
+                click.echo(profile.model_dump_json(indent=2))
+            else:
+                digest = await push_profile(client, image, profile)
+                click.echo(f"{parsed}: profile {label!r}: {len(profile.chunks)} chunks, {size} bytes -> {digest}")
+            if code:
+                err_console().print(f"note: the command exited with {code}")
+            return 0
+
+    try:
+        sys.exit(asyncio.run(go()))
+    except FAILURES as e:
+        _fail(_describe(e))
+        sys.exit(1)
+
+
+@click.command()
+@click.argument("ref")
+@click.option("--label", default="default", show_default=True)
+@click.option("--platform")
+@click.option("--plain-http", is_flag=True)
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=default_cache_dir)
+def prefetch(ref: str, label: str, platform: str | None, plain_http: bool, cache_dir: Path) -> None:
+    """Warm the chunk cache from the image's hot-chunk profile, without mounting."""
+    from imgaccel.cli.main import FAILURES, _client, _describe, _fail, _ref
+    from imgaccel.snapshotter.accelerated_image import open_image
+    from imgaccel.snapshotter.profiles import find_profile, replay_profile
+
+    parsed = _ref(ref)
+
+    async def go() -> int:
+        async with _client(parsed, plain_http) as client:
+            image = await open_image(client, parsed, platform, ChunkCache(cache_dir))
+            profile = await find_profile(client, image, label)
+            if profile is None:
+                _fail(f"{parsed}: no profile labelled {label!r} for {image.manifest_digest}")
+                return 1
+            n = await replay_profile(image, profile)
+            click.echo(f"{parsed}: {n} of {len(profile.chunks)} profile chunks cached, "
+                       f"{image.bytes_fetched()} bytes fetched")  # fmt: skip
+            return 0
+
+    try:
+        sys.exit(asyncio.run(go()))
+    except FAILURES as e:
+        _fail(_describe(e))
+        sys.exit(1)
+
+
+def err_console() -> Any:
+    from imgaccel.cli.main import err
+
+    return err

@@ -37,6 +37,9 @@ def host_platform_label() -> str:
 @dataclass
 class AcceleratedImage:
     ref: ImageRef
+    top_digest: str  # what ``ref`` points to (index or manifest): profiles attach here
+    top_media_type: str
+    top_size: int
     mode: str
     manifest_digest: str  # the platform manifest the layers belong to
     source_digest: str | None
@@ -213,4 +216,4 @@ async def open_image(
         layers = await _index_layers(client, ref, parsed, artifact, cache)
         mode, source = "index", manifest.digest
     view = MergedView([layer.index.entries for layer in layers])
-    return AcceleratedImage(ref, mode, manifest.digest, source, layers, view)
+    return AcceleratedImage(ref, top.digest, top.media_type, len(top.data), mode, manifest.digest, source, layers, view)

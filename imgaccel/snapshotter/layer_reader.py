@@ -67,6 +67,7 @@ class LayerReader:
         self.on_fetch: Callable[[float], None] | None = None  # seconds per Range request (metrics)
         self.readahead = True  # sequential reads prefetch the next chunk
         self._last_end = -1
+        self.first_reads: dict[int, float] = {}  # chunk position -> when a foreground read first needed it
         self._background: set[asyncio.Task[None]] = set()
         self.stats = ReadStats()
         self._cache: OrderedDict[int, bytes] = OrderedDict()
@@ -78,6 +79,9 @@ class LayerReader:
         end = min(offset + length, self.index.uncompressed_size)
         positions = self.index.chunk_range(offset, end)
         needed = {p: min(end - self.index.chunks[p].u_offset, self.index.chunks[p].u_size) for p in positions}
+        now = time.monotonic()
+        for p in positions:
+            self.first_reads.setdefault(p, now)
         chunks = await self._chunks(needed)
         if self.readahead and positions and offset == self._last_end:
             self._read_ahead(positions[-1] + 1)
@@ -129,6 +133,10 @@ class LayerReader:
                     self._remember(p, decoded)
                     await self._to_disk(p, decoded)
         return out
+
+    async def prefetch_chunk(self, p: int) -> None:
+        """Make chunk ``p`` cached (memory, and disk when there is a disk cache)."""
+        await self._chunks({p: self.index.chunks[p].u_size})
 
     def _read_ahead(self, p: int) -> None:
         """Sequential reading: decode the next chunk in the background (errors are left for the

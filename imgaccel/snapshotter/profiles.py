@@ -1,0 +1,97 @@
+"""Record, publish, find and replay hot-chunk profiles (``formats.profile``)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from imgaccel.formats import oci
+from imgaccel.formats.profile import (
+    ANN_PROFILE_LABEL,
+    PROFILE_ARTIFACT_TYPE,
+    PROFILE_MEDIA_TYPE,
+    Profile,
+    ProfileChunk,
+)
+from imgaccel.pusher.client import RegistryClient
+from imgaccel.snapshotter.accelerated_image import AcceleratedImage
+from imgaccel.snapshotter.layer_reader import ChunkReadError
+
+log = logging.getLogger(__name__)
+
+
+def build_profile(image: AcceleratedImage, label: str) -> Profile:
+    """The chunks the image's readers served to foreground reads, in first-read order."""
+    seen = sorted(
+        (t, layer_no, pos)
+        for layer_no, layer in enumerate(image.layers)
+        for pos, t in layer.first_reads.items()
+    )  # fmt: skip
+    chunks = [ProfileChunk(layer=n, chunk=p, digest=image.layers[n].index.chunks[p].digest) for _, n, p in seen]
+    return Profile(label=label, image=image.top_digest, manifest=image.manifest_digest, chunks=chunks)
+
+
+async def push_profile(client: RegistryClient, image: AcceleratedImage, profile: Profile) -> str:
+    """Upload the profile and attach it to the image; returns the artifact manifest digest."""
+    repo = image.ref.repository
+    data = profile.model_dump_json().encode()
+    empty = oci.EMPTY_JSON
+    await client.upload_blob(repo, oci.sha256_digest(data), data)
+    await client.upload_blob(repo, oci.sha256_digest(empty), empty)
+    annotations = {ANN_PROFILE_LABEL: profile.label}
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": oci.OCI_MANIFEST,
+        "artifactType": PROFILE_ARTIFACT_TYPE,
+        "config": {"mediaType": oci.OCI_EMPTY, "digest": oci.sha256_digest(empty), "size": len(empty)},
+        "layers": [{"mediaType": PROFILE_MEDIA_TYPE, "digest": oci.sha256_digest(data), "size": len(data)}],
+        "subject": {"mediaType": image.top_media_type, "digest": image.top_digest, "size": image.top_size},
+        "annotations": annotations,
+    }
+    body = oci.canonical_json(manifest)
+    digest = await client.put_manifest(repo, oci.sha256_digest(body), body, oci.OCI_MANIFEST)
+    desc = oci.Descriptor(
+        mediaType=oci.OCI_MANIFEST,
+        digest=digest,
+        size=len(body),
+        artifactType=PROFILE_ARTIFACT_TYPE,
+        annotations=annotations,
+    )
+    await client.add_referrer(repo, image.top_digest, desc)
+    return digest
+
+
+async def find_profile(client: RegistryClient, image: AcceleratedImage, label: str) -> Profile | None:
+    """The newest profile with ``label`` attached to the image, if any."""
+    repo = image.ref.repository
+    for desc in reversed(await client.referrers(repo, image.top_digest)):
+        if desc.artifactType != PROFILE_ARTIFACT_TYPE or (desc.annotations or {}).get(ANN_PROFILE_LABEL) != label:
+            continue
+        manifest = oci.ImageManifest.model_validate_json((await client.get_manifest(repo, desc.digest)).data)
+        blob = await client.read_blob(repo, manifest.layers[0].digest)
+        profile = Profile.model_validate_json(blob)
+        if profile.manifest != image.manifest_digest:
+            continue  # recorded for another platform
+        return profile
+    return None
+
+
+async def replay_profile(image: AcceleratedImage, profile: Profile) -> int:
+    """Fetch the profile's chunks in order into the caches, one at a time so that foreground
+    reads (which take the same per-layer lock) wait for at most one chunk. Returns how many
+    chunks were fetched or found cached; stale or failing entries are skipped."""
+    done = 0
+    for item in profile.chunks:
+        if item.layer >= len(image.layers):
+            continue
+        layer = image.layers[item.layer]
+        if item.chunk >= len(layer.index.chunks) or layer.index.chunks[item.chunk].digest != item.digest:
+            log.warning("profile %s: chunk %d of layer %d is stale; skipped", profile.label, item.chunk, item.layer)
+            continue
+        try:
+            await layer.prefetch_chunk(item.chunk)
+            done += 1
+        except ChunkReadError as e:
+            log.warning("profile %s: %s", profile.label, e)
+        await asyncio.sleep(0)
+    return done
