@@ -233,3 +233,31 @@ def test_profile_record_push_and_prefetch(registry: Registry, tmp_path: Path) ->
     values = dict(line.rsplit(" ", 1) for line in metrics.read_text().splitlines() if not line.startswith("#"))
     layer = get_json(f"http://{registry.host}/v2/profiled/app/manifests/v1_containerd_accelerated")["layers"][0]
     assert float(values["imgaccel_node_registry_bytes_total"]) <= layer["size"]  # no chunk was fetched twice
+
+
+@pytest.mark.parametrize("mode", ["index", "full"])
+def test_layer_directories_stack_with_overlayfs(
+    converted: dict[str, str], expected: dict[str, Record], tmp_path: Path, mode: str
+) -> None:
+    """``mount --layers`` gives one directory per layer; the kernel's overlayfs stacks them
+    into the same tree as the image (whiteouts and opaque directories in overlay form)."""
+    with Mount(converted[mode], tmp_path / "layers", tmp_path / "cache", None, "--layers") as root:
+        layers = sorted((p for p in root.iterdir()), key=lambda p: int(p.name))
+        assert [p.name for p in layers] == ["0", "1", "2"]
+        wh = os.lstat(layers[1] / "old/gone.txt")
+        assert stat.S_ISCHR(wh.st_mode) and wh.st_rdev == 0
+        assert os.getxattr(layers[1] / "opq", "trusted.overlay.opaque") == b"y"
+        merged = tmp_path / "merged"
+        merged.mkdir()
+        lower = ":".join(str(p) for p in reversed(layers))
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={lower}", str(merged)], check=True)
+        try:
+            seen = set()
+            for dirpath, dirs, files in os.walk(merged):
+                for name in dirs + files:
+                    seen.add(str((Path(dirpath) / name).relative_to(merged)))
+            assert seen == set(expected)
+            assert (merged / "opq/c.txt").read_text() == "only this survives in opq\n"
+            assert hashlib.sha256((merged / "data/big.bin").read_bytes()).hexdigest() == expected["data/big.bin"].sha256
+        finally:
+            subprocess.run(["umount", str(merged)], check=False)

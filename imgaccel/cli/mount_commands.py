@@ -32,6 +32,8 @@ def default_cache_dir() -> Path:
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=default_cache_dir,
               show_default="$XDG_CACHE_HOME/imgaccel/chunks", help="Chunk cache shared by every mount.")  # fmt: skip
 @click.option("--cache-size", default=str(DEFAULT_LIMIT), help="Chunk cache limit (e.g. 10GiB).")
+@click.option("--layers", "per_layer", is_flag=True,
+              help="One directory per layer (0, 1, ...) in overlayfs form, for a snapshotter to stack.")  # fmt: skip
 @click.option("--daemon", is_flag=True, help="Mount in the background; returns once the mount is ready.")
 @click.option("--pid-file", type=click.Path(dir_okay=False, path_type=Path), help="With --daemon: write the pid here.")
 @click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), help="With --daemon: log here.")
@@ -40,7 +42,7 @@ def default_cache_dir() -> Path:
 @click.option("--metrics-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Write Prometheus metrics (bytes fetched, cache hits, latency) here every 5 s.")  # fmt: skip
 def mount(ref: str, mountpoint: str, platform: str | None, plain_http: bool, cache_dir: Path, cache_size: str,
-          daemon: bool, pid_file: Path | None, log_file: Path | None, label: str, no_prefetch: bool,
+          per_layer: bool, daemon: bool, pid_file: Path | None, log_file: Path | None, label: str, no_prefetch: bool,
           metrics_file: Path | None) -> None:  # fmt: skip
     """Mount REF read-only at MOUNTPOINT (merged layers), fetching chunks as they are read."""
     from imgaccel.cli.main import FAILURES, _client, _describe, _fail, _ref, _size
@@ -70,7 +72,7 @@ def mount(ref: str, mountpoint: str, platform: str | None, plain_http: bool, cac
                 log.info("prefetching %d chunks of profile %r", len(profile.chunks), label)
                 background.append(asyncio.create_task(replay_profile(image, profile)))
             try:
-                await serve_mount(image, mountpoint, lambda: log.info("mounted %s", parsed))
+                await serve_mount(image, mountpoint, lambda: log.info("mounted %s", parsed), per_layer)
             finally:
                 for task in background:
                     task.cancel()

@@ -21,9 +21,10 @@ from collections.abc import Callable
 import pyfuse3
 import pyfuse3.asyncio
 
+from imgaccel.formats.layer_index import Entry
 from imgaccel.snapshotter.accelerated_image import AcceleratedImage
 from imgaccel.snapshotter.layer_reader import ChunkReadError
-from imgaccel.snapshotter.merged_view import Node, PathError, normalize_path
+from imgaccel.snapshotter.merged_view import MergedView, Node, PathError, normalize_path
 
 log = logging.getLogger(__name__)
 _TYPE_BITS = {
@@ -40,32 +41,46 @@ _TIMEOUT = 3600.0  # the tree never changes: let the kernel cache entries and at
 
 
 class ImageFS(pyfuse3.Operations):
-    def __init__(self, image: AcceleratedImage) -> None:
+    """The merged tree at the root or, with ``per_layer``, one directory per layer
+    (``0``, ``1``, ...) in overlayfs form, for a snapshotter to stack with overlay mounts."""
+
+    def __init__(self, image: AcceleratedImage, per_layer: bool = False) -> None:
         super().__init__()
         self.image = image
-        self._nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: image.view.root}
+        root = image.view.root if not per_layer else Node(Entry(name="", type="dir", mode=0o555), -1)
+        self._nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: root}
         self._children: dict[int, dict[bytes, int]] = {pyfuse3.ROOT_INODE: {}}
         self._nlink: dict[int, int] = {pyfuse3.ROOT_INODE: 2}
-        self._assign_inodes()
+        self._next_ino = pyfuse3.ROOT_INODE + 1
+        if not per_layer:
+            self._assign_inodes(image.view, "")
+            return
+        for i, layer in enumerate(image.layers):
+            view = MergedView.overlay_layer(i, layer.index.entries)
+            ino = self._new_inode()
+            self._place(str(i), view.root, ino, {"": pyfuse3.ROOT_INODE})
+            self._assign_inodes(view, str(i), ino)
 
-    def _assign_inodes(self) -> None:
-        by_path: dict[str, int] = {"": pyfuse3.ROOT_INODE}
-        walk = self.image.view.walk()
-        next_ino = pyfuse3.ROOT_INODE + 1
+    def _new_inode(self) -> int:
+        self._next_ino += 1
+        return self._next_ino - 1
+
+    def _assign_inodes(self, view: MergedView, prefix: str, top: int = pyfuse3.ROOT_INODE) -> None:
+        by_path: dict[str, int] = {"": top}
+        walk = view.walk()
         links: list[tuple[str, Node]] = []
         for path, node in walk:  # parents come before their children
             if node.entry.type == "hardlink":
                 links.append((path, node))
                 continue
-            by_path[path] = next_ino
-            self._place(path, node, next_ino, by_path)
-            next_ino += 1
+            by_path[path] = self._new_inode()
+            self._place(path, node, by_path[path], by_path)
         for path, node in links:
             target = normalize_path(node.entry.linkname)
             ino = by_path.get(target) if target is not None else None
             shared = ino is not None and self._nodes[ino].layer == node.layer and self._nodes[ino].entry.type == "reg"
             if not shared:
-                ino, next_ino = next_ino, next_ino + 1
+                ino = self._new_inode()
             assert ino is not None
             by_path[path] = ino
             self._place(path, node, ino, by_path)
@@ -174,10 +189,12 @@ class ImageFS(pyfuse3.Operations):
         return st
 
 
-async def serve_mount(image: AcceleratedImage, mountpoint: str, ready: Callable[[], None] | None = None) -> None:
+async def serve_mount(
+    image: AcceleratedImage, mountpoint: str, ready: Callable[[], None] | None = None, per_layer: bool = False
+) -> None:
     """Mount ``image`` read-only at ``mountpoint`` until unmounted or signalled."""
     pyfuse3.asyncio.enable()
-    fs = ImageFS(image)
+    fs = ImageFS(image, per_layer)
     options = set(pyfuse3.default_options)
     options |= {"ro", "fsname=imgaccel", "subtype=imgaccel", "default_permissions"}
     if os.geteuid() == 0:

@@ -9,6 +9,8 @@ lower layers put in its directory. Symlinks are resolved inside the image root o
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -97,6 +99,34 @@ class MergedView:
                 old.entry, old.layer = e, i  # directories merge; the upper one's metadata wins
             else:
                 parent.children[base] = Node(e, i)
+
+    @classmethod
+    def overlay_layer(cls, i: int, entries: list[Entry]) -> MergedView:
+        """Layer ``i`` alone, its whiteouts in overlayfs form (a 0/0 character device for
+        ``.wh.NAME``, the ``trusted.overlay.opaque`` xattr for ``.wh..wh..opq``), so an
+        overlay mount can stack the layer directories."""
+        opaque = {"trusted.overlay.opaque": base64.b64encode(b"y").decode()}
+        dirs: dict[str, Entry] = {}
+        out: list[Entry] = []
+        opaque_dirs: list[str] = []
+        for e in entries:
+            path = normalize_path(e.name)
+            base = (path or "").rpartition("/")[2]
+            if path is not None and base == OPAQUE_MARKER:
+                opaque_dirs.append(path.rpartition("/")[0])
+            elif path is not None and base.startswith(WHITEOUT_PREFIX):
+                parent = path.rpartition("/")[0]
+                name = f"{parent}/{base[len(WHITEOUT_PREFIX) :]}" if parent else base[len(WHITEOUT_PREFIX) :]
+                out.append(Entry(name=name, type="char", mode=0, mtime=e.mtime))
+            else:
+                out.append(e)
+                if e.type == "dir" and path is not None:
+                    dirs[path] = e
+        for d in opaque_dirs:
+            base_entry = dirs.get(d) or Entry(name=d, type="dir", mode=0o755)
+            marked = dataclasses.replace(base_entry, xattrs={**base_entry.xattrs, **opaque})
+            out = [marked if x is base_entry else x for x in out] if d in dirs else [*out, marked]
+        return cls([[] for _ in range(i)] + [out])
 
     def _find(self, path: str) -> Node | None:
         node = self.root
