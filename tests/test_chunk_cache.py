@@ -98,3 +98,14 @@ def test_bad_transfer_is_refetched_once_then_fails(tmp_path: Path, tar: bytes) -
     with pytest.raises(ChunkReadError, match="failed verification"):
         asyncio.run(reader.read(0, 100_000))
     assert not [p for p in (tmp_path / "c2" / "chunks").rglob("*") if p.is_file()]  # nothing unverified cached
+
+
+@pytest.mark.parametrize(("gap", "requests"), [(0, 2), (8 << 20, 1)])
+def test_nearby_chunks_share_one_request(tmp_path: Path, tar: bytes, gap: int, requests: int) -> None:
+    ranges, reader = readers(tmp_path, tar, "full", ChunkCache(tmp_path / "c"))
+    reader.gap = gap
+    c = reader.index.chunks
+    asyncio.run(reader.read(c[1].u_offset, 10))  # chunk 1 is now cached: chunks 0 and 2 are separated
+    before = ranges.calls
+    assert asyncio.run(reader.read(0, c[2].u_offset + 10)) == tar[: c[2].u_offset + 10]
+    assert ranges.calls - before == requests

@@ -34,6 +34,8 @@ def default_cache_dir() -> Path:
 @click.option("--cache-size", default=str(DEFAULT_LIMIT), help="Chunk cache limit (e.g. 10GiB).")
 @click.option("--layers", "per_layer", is_flag=True,
               help="One directory per layer (0, 1, ...) in overlayfs form, for a snapshotter to stack.")  # fmt: skip
+@click.option("--fetch-gap", default="64KiB", show_default=True,
+              help="Merge Range requests for chunks at most this far apart in the blob.")  # fmt: skip
 @click.option("--daemon", is_flag=True, help="Mount in the background; returns once the mount is ready.")
 @click.option("--pid-file", type=click.Path(dir_okay=False, path_type=Path), help="With --daemon: write the pid here.")
 @click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), help="With --daemon: log here.")
@@ -42,8 +44,8 @@ def default_cache_dir() -> Path:
 @click.option("--metrics-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Write Prometheus metrics (bytes fetched, cache hits, latency) here every 5 s.")  # fmt: skip
 def mount(ref: str, mountpoint: str, platform: str | None, plain_http: bool, cache_dir: Path, cache_size: str,
-          per_layer: bool, daemon: bool, pid_file: Path | None, log_file: Path | None, label: str, no_prefetch: bool,
-          metrics_file: Path | None) -> None:  # fmt: skip
+          per_layer: bool, fetch_gap: str, daemon: bool, pid_file: Path | None, log_file: Path | None,
+          label: str, no_prefetch: bool, metrics_file: Path | None) -> None:  # fmt: skip
     """Mount REF read-only at MOUNTPOINT (merged layers), fetching chunks as they are read."""
     from imgaccel.cli.main import FAILURES, _client, _describe, _fail, _ref, _size
 
@@ -52,9 +54,9 @@ def mount(ref: str, mountpoint: str, platform: str | None, plain_http: bool, cac
         return
     parsed = _ref(ref)
     try:
-        limit = _size(cache_size)
+        limit, gap = _size(cache_size), _size(fetch_gap) if fetch_gap.strip() not in ("0", "") else 0
     except ValueError:
-        raise click.UsageError(f"--cache-size: {cache_size!r} is not a size") from None
+        raise click.UsageError("--cache-size / --fetch-gap: not a size (e.g. 10GiB, 64KiB)") from None
     cache = ChunkCache(cache_dir, limit)
 
     async def go() -> None:
@@ -65,6 +67,8 @@ def mount(ref: str, mountpoint: str, platform: str | None, plain_http: bool, cac
 
         async with _client(parsed, plain_http) as client:
             image = await open_image(client, parsed, platform, cache)
+            for layer in image.layers:
+                layer.gap = gap
             background: list[asyncio.Task[Any]] = []
             if metrics_file:
                 background.append(asyncio.create_task(NodeMetrics(image).write_every(metrics_file)))

@@ -66,6 +66,7 @@ class LayerReader:
         self.disk_cache = disk_cache
         self.on_fetch: Callable[[float], None] | None = None  # seconds per Range request (metrics)
         self.readahead = True  # sequential reads prefetch the next chunk
+        self.gap = 64 << 10  # merge Range requests for chunks at most this many bytes apart
         self._last_end = -1
         self.first_reads: dict[int, float] = {}  # chunk position -> when a foreground read first needed it
         self._background: set[asyncio.Task[None]] = set()
@@ -109,7 +110,7 @@ class LayerReader:
                     self._remember(p, cached)
                 else:
                     missing.append(p)
-            for run in _runs(missing):
+            for run in self._runs(sorted(missing)):
                 start = self.index.chunks[run[0]].c_offset
                 data = await self._fetch(start, max(self._c_end(p) for p in run))
                 for p in run:
@@ -151,6 +152,17 @@ class LayerReader:
         task = asyncio.create_task(fetch())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    def _runs(self, positions: list[int]) -> list[list[int]]:
+        """Group chunk positions into Range requests: adjacent chunks, and chunks separated by
+        at most ``gap`` compressed bytes (fetched and discarded: one round trip is cheaper)."""
+        runs: list[list[int]] = []
+        for p in positions:
+            if runs and self.index.chunks[p].c_offset - self._c_end(runs[-1][-1]) <= self.gap:
+                runs[-1].append(p)
+            else:
+                runs.append([p])
+        return runs
 
     def _c_end(self, p: int) -> int:
         c = self.index.chunks[p]
@@ -204,14 +216,3 @@ class LayerReader:
             return
         for i in range(0, len(decoded), BLOCK_SIZE):
             await asyncio.to_thread(self.disk_cache.put, c.blocks[i // BLOCK_SIZE], decoded[i : i + BLOCK_SIZE])
-
-
-def _runs(positions: list[int]) -> list[list[int]]:
-    """Split sorted chunk positions into runs of consecutive positions."""
-    runs: list[list[int]] = []
-    for p in positions:
-        if runs and runs[-1][-1] + 1 == p:
-            runs[-1].append(p)
-        else:
-            runs.append([p])
-    return runs
