@@ -14,7 +14,8 @@ from aiohttp import web
 from tests.threaded_app import ThreadedApp
 
 # A rule sees (method, path, how many times this method+path was seen) and returns a fault name:
-# "429", "503", "drop" (close the connection mid-body) or "slow" (wait 3 s, then forward).
+# "429", "503", "drop" (close the connection mid-body), "slow" (wait 3 s, then forward) or
+# "norange" (forward without the Range header: answer 200 with the whole blob).
 Rule = Callable[[str, str, int], str | None]
 HOP_HEADERS = {"transfer-encoding", "connection", "keep-alive", "content-encoding"}
 
@@ -43,6 +44,9 @@ class FaultProxy:
             await asyncio.sleep(3)
         body = await request.read()
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS | {"content-length"}}
+        if fault == "norange":  # a registry (or CDN) that ignores Range and sends the whole blob
+            self.faults[fault] += 1
+            headers.pop("Range", None)
         async with (
             aiohttp.ClientSession(auto_decompress=False) as session,
             session.request(

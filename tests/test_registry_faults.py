@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from fixtures.build_images import push, unique_image
+from fixtures.build_images import BIG_FILE_SIZE, push, unique_image
 from tests.fault_proxy import FaultProxy
 from tests.helpers import run_cli
 from tests.registry import Registry
@@ -49,5 +49,26 @@ def test_persistent_5xx_fails_without_a_tag(registry: Registry, tmp_path: Path) 
         assert r.code == 1
         assert "answered 503" in r.err and "faults/down" in r.err
         assert registry.tags("faults/down") == ["v1"]
+    finally:
+        proxy.stop()
+
+
+def test_registry_that_ignores_range_is_read_once(registry: Registry, tmp_path: Path) -> None:
+    ref = f"{registry.host}/faults/norange:v1"
+    push(unique_image(tmp_path, "norange"), "v1", ref)
+    assert run_cli("convert", ref, "--mode", "full", "--no-cache").code == 0
+
+    def rule(method: str, path: str, n: int) -> str | None:
+        return "norange" if method == "GET" and "/blobs/sha256:" in path else None
+
+    proxy = FaultProxy(registry.host, rule).start()
+    try:
+        r = run_cli("cat", f"{proxy.host}/faults/norange:v1_containerd_accelerated", "/data/big.bin")
+        assert r.code == 0, r.err
+        assert r.raw.startswith(b"norange") and len(r.raw) == BIG_FILE_SIZE + len("norange")
+        assert "ignores Range requests" in r.err
+        blob_gets = [k for k, n in proxy.seen.items() if k[0] == "GET" and "/blobs/sha256:" in k[1]]
+        layer_gets = [proxy.seen[k] for k in blob_gets]
+        assert max(layer_gets) == 1  # each blob was downloaded once, not once per chunk
     finally:
         proxy.stop()

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import random
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -110,6 +111,8 @@ class RegistryClient:
         self._auth = _TokenCache()
         self.range_unsupported = False  # set when the registry answered 200 to a Range GET
         self._uploads: dict[str, str] = {}  # local file -> upload session location
+        self._spools: dict[str, str] = {}  # blob digest -> local copy (registries that ignore Range)
+        self._spool_dir: tempfile.TemporaryDirectory[str] | None = None
 
     async def __aenter__(self) -> RegistryClient:
         self._session = aiohttp.ClientSession(
@@ -127,6 +130,10 @@ class RegistryClient:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._spool_dir is not None:
+            self._spool_dir.cleanup()
+            self._spool_dir = None
+            self._spools.clear()
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -412,6 +419,8 @@ class RegistryClient:
         what = f"{self.registry}/{repo}@{digest}"
         if end <= start:
             return b""
+        if digest in self._spools:
+            return _read_file_range(self._spools[digest], start, end)
         for attempt in range(self.retry.attempts):
             try:
                 async with self.request(
@@ -422,14 +431,15 @@ class RegistryClient:
                     headers={"Range": f"bytes={start}-{end - 1}"},
                     ok=(200, 206),
                 ) as resp:
-                    if resp.status == 200:  # the registry ignored Range: read through to the window
+                    if resp.status == 200:  # the registry ignored Range: keep the whole blob, once
                         if not self.range_unsupported:
-                            log.warning("%s: registry ignores Range requests; reading through blobs", self.registry)
+                            log.warning(
+                                "%s: registry ignores Range requests; each blob is downloaded once to a local "
+                                "spool file and read from there", self.registry,
+                            )  # fmt: skip
                         self.range_unsupported = True
-                        skip = start
-                        while skip:
-                            skip -= len(await resp.content.readexactly(min(skip, 1 << 20)))
-                        data = await resp.content.readexactly(end - start)
+                        path = await self._spool(resp, what, digest)
+                        return _read_file_range(path, start, end)
                     else:
                         data = await _read_limited(resp, end - start)
                 break
@@ -440,6 +450,22 @@ class RegistryClient:
         if len(data) != end - start:
             raise RegistryError(f"{what}: range {start}-{end - 1} returned {len(data)} bytes")
         return data
+
+    async def _spool(self, resp: aiohttp.ClientResponse, what: str, digest: str) -> str:
+        """Write a whole-blob response to a temporary file, digest-checked; remember it."""
+        if self._spool_dir is None:
+            self._spool_dir = tempfile.TemporaryDirectory(prefix="imgaccel-spool-")
+        path = os.path.join(self._spool_dir.name, digest.replace(":", "-"))
+        h = hashlib.sha256()
+        with open(path, "wb") as f:
+            async for block in resp.content.iter_chunked(1 << 20):
+                f.write(block)
+                h.update(block)
+        if "sha256:" + h.hexdigest() != digest:
+            os.unlink(path)
+            raise DigestMismatchError(f"{what}: blob bytes hash to sha256:{h.hexdigest()}")
+        self._spools[digest] = path
+        return path
 
     async def mount_blob(self, repo: str, digest: str, from_repo: str) -> bool:
         """Cross-repository mount; True when the registry mounted it."""
@@ -604,6 +630,12 @@ class RegistryClient:
         except NotFoundError:
             return []
         return oci.ImageIndex.model_validate_json(m.data).manifests
+
+
+def _read_file_range(path: str, start: int, end: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(start)
+        return f.read(end - start)
 
 
 async def _read_limited(resp: aiohttp.ClientResponse, limit: int) -> bytes:
