@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gzip
 import hashlib
 import json
 import os
@@ -261,3 +262,28 @@ def test_layer_directories_stack_with_overlayfs(
             assert hashlib.sha256((merged / "data/big.bin").read_bytes()).hexdigest() == expected["data/big.bin"].sha256
         finally:
             subprocess.run(["umount", str(merged)], check=False)
+
+
+def test_images_sharing_a_base_layer_fetch_it_once(registry: Registry, tmp_path: Path) -> None:
+    from fixtures.build_images import Layout, Member, real_bytes, tar_bytes
+
+    shared = tar_bytes([Member("base/shared.bin", b"shared" + real_bytes(3 << 20, "share"))])
+    base = ("application/vnd.oci.image.layer.v1.tar+gzip", gzip.compress(shared))
+    refs = []
+    for name in ("one", "two"):
+        top = ("application/vnd.oci.image.layer.v1.tar", tar_bytes([Member(f"{name}.txt", name.encode())]))
+        layout = Layout(tmp_path / f"layout-{name}")
+        layout.tag(layout.image([base, top]), "v1")
+        ref = f"{registry.host}/shared-base/{name}:v1"
+        push(layout.root, "v1", ref)
+        assert run_cli("convert", ref, "--mode", "index").code == 0
+        refs.append(ref + "_accelerated")
+    cache = tmp_path / "cache"
+    fetched = []
+    for i, ref in enumerate(refs):
+        metrics = tmp_path / f"m{i}.prom"
+        with Mount(ref, tmp_path / f"mnt{i}", cache, metrics) as root:
+            assert (root / "base/shared.bin").read_bytes().startswith(b"shared")
+        values = dict(line.rsplit(" ", 1) for line in metrics.read_text().splitlines() if not line.startswith("#"))
+        fetched.append(float(values["imgaccel_node_registry_bytes_total"]))
+    assert fetched[0] > 1_000_000 and fetched[1] == 0  # the second image found the base layer's chunks cached
