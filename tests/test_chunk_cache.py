@@ -109,3 +109,13 @@ def test_nearby_chunks_share_one_request(tmp_path: Path, tar: bytes, gap: int, r
     before = ranges.calls
     assert asyncio.run(reader.read(0, c[2].u_offset + 10)) == tar[: c[2].u_offset + 10]
     assert ranges.calls - before == requests
+
+
+def test_reading_further_into_a_partly_decoded_chunk_fetches_nothing(tmp_path: Path, tar: bytes) -> None:
+    ranges, reader = readers(tmp_path, tar, "index", ChunkCache(tmp_path / "c"))
+    reader.readahead = False
+    first = reader.index.chunks[0]
+    assert len(first.blocks) >= 2  # several 1 MiB blocks: the first read decodes only the first
+    assert asyncio.run(reader.read(10, 100)) == tar[10:110]
+    assert asyncio.run(reader.read(first.u_size - 100, 100)) == tar[first.u_size - 100 : first.u_size]
+    assert ranges.calls == 1

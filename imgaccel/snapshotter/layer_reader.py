@@ -72,6 +72,7 @@ class LayerReader:
         self._background: set[asyncio.Task[None]] = set()
         self.stats = ReadStats()
         self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._compressed: OrderedDict[int, bytes] = OrderedDict()  # partly decoded chunks
         self._cache_chunks = cache_chunks
         self._lock = asyncio.Lock()
 
@@ -110,6 +111,18 @@ class LayerReader:
                     self._remember(p, cached)
                 else:
                     missing.append(p)
+            # A chunk decoded only in part (index mode decodes the verified prefix a read needs)
+            # keeps its compressed bytes, so reading further into it costs no second fetch.
+            for p in [p for p in missing if p in self._compressed]:
+                try:
+                    decoded = await self._decode(p, self._compressed[p], needed[p])
+                except ChunkVerificationError:
+                    del self._compressed[p]  # fetch it again below
+                    continue
+                missing.remove(p)
+                out[p] = decoded
+                self._remember(p, decoded, self._compressed[p])
+                await self._to_disk(p, decoded)
             for run in self._runs(sorted(missing)):
                 start = self.index.chunks[run[0]].c_offset
                 data = await self._fetch(start, max(self._c_end(p) for p in run))
@@ -122,8 +135,9 @@ class LayerReader:
                         log.warning("%s@%s chunk %d failed verification (%s); fetching it again",
                                     self.repo, self.blob_digest, p, e)  # fmt: skip
                         self.stats.refetches += 1
+                        piece = await self._fetch(c.c_offset, self._c_end(p))
                         try:
-                            decoded = await self._decode(p, await self._fetch(c.c_offset, self._c_end(p)), needed[p])
+                            decoded = await self._decode(p, piece, needed[p])
                         except ChunkVerificationError as e2:
                             self.stats.verification_failures += 1
                             raise ChunkReadError(
@@ -131,7 +145,7 @@ class LayerReader:
                                 f"{c.u_offset + c.u_size - 1}) failed verification: {e2}"
                             ) from e2
                     out[p] = decoded
-                    self._remember(p, decoded)
+                    self._remember(p, decoded, piece)
                     await self._to_disk(p, decoded)
         return out
 
@@ -187,10 +201,16 @@ class LayerReader:
         self.stats.chunks_decoded += 1
         return decoded
 
-    def _remember(self, p: int, decoded: bytes) -> None:
+    def _remember(self, p: int, decoded: bytes, compressed: bytes | None = None) -> None:
         self._cache[p] = decoded
         while len(self._cache) > self._cache_chunks:
             self._cache.popitem(last=False)
+        if compressed is not None and len(decoded) < self.index.chunks[p].u_size:
+            self._compressed[p] = compressed
+        else:
+            self._compressed.pop(p, None)
+        while len(self._compressed) > self._cache_chunks:
+            self._compressed.popitem(last=False)
 
     async def _from_disk(self, p: int, needed: int) -> bytes | None:
         """The chunk (or its first ``needed`` bytes, whole blocks) from the disk cache."""
