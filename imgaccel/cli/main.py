@@ -1,4 +1,4 @@
-"""``imgaccel`` command line: convert, inspect, ls, cat, check.
+"""``imgaccel`` command line: convert, inspect, ls, cat, check; plus serve/jobs and mount/record/prefetch/cache.
 
 Exit codes: 0 success, 1 a conversion/read/check failed (each failure named with its cause on
 stderr), 2 usage errors (bad flags, malformed references, invalid config).
@@ -11,94 +11,24 @@ import logging
 import stat as statmod
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
-import aiohttp
 import click
-from pydantic import ValidationError
-from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-from imgaccel.converter.image_converter import ConversionError, ConvertResult, ImageConverter
+from imgaccel.converter.image_converter import ConvertResult, ImageConverter
 from imgaccel.converter.image_converter import Progress as ConvertProgress
 from imgaccel.converter.options import DEFAULT_CACHE_REPO, ConvertOptions
 from imgaccel.formats import layer_index as li
 from imgaccel.formats import oci
 from imgaccel.pusher.client import RegistryClient
-from imgaccel.pusher.errors import RegistryError
-from imgaccel.pusher.reference import ImageRef, ReferenceError, parse_reference
+from imgaccel.pusher.reference import ImageRef
 from imgaccel.snapshotter.accelerated_image import AcceleratedImage, ImageOpenError, open_image
 from imgaccel.snapshotter.check import compare, reference_tree
-from imgaccel.snapshotter.layer_reader import ChunkReadError
-from imgaccel.snapshotter.merged_view import PathError
 
+from .common import FAILURES, SizeParam, describe, err, fail, parse_ref, registry_client, run_command
 from .mount_commands import cache, mount, prefetch, record, umount
 from .service_commands import jobs, serve
-from .settings import load_settings
-
-T = TypeVar("T")
-err = Console(stderr=True)
-FAILURES = (
-    ConversionError, RegistryError, ImageOpenError, ChunkReadError, PathError, OSError, ValueError,
-    aiohttp.ClientError, asyncio.TimeoutError,
-)  # fmt: skip
-
-
-def _size(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    if t and t[-1] in units:
-        return int(float(t[:-1]) * units[t[-1]])
-    return int(t)
-
-
-class SizeParam(click.ParamType):  # type: ignore[type-arg]
-    name = "size"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        try:
-            n = value if isinstance(value, int) else _size(value)
-        except ValueError:
-            self.fail(f"{value!r} is not a size (e.g. 4MiB, 512k)", param, ctx)
-        if n <= 0:
-            self.fail("must be positive", param, ctx)
-        return n
-
-
-def _ref(text: str) -> ImageRef:
-    try:
-        return parse_reference(text)
-    except ReferenceError as e:
-        raise click.UsageError(str(e)) from None
-
-
-def _client(ref: ImageRef, plain_http: bool, **kwargs: Any) -> RegistryClient:
-    try:
-        settings = load_settings()
-    except ValueError as e:
-        raise click.UsageError(str(e)) from None
-    reg = settings.registries.get(ref.registry)
-    plain = True if plain_http else (reg.plain_http if reg else None)
-    creds = reg.credentials() if reg else None
-    return RegistryClient(ref.registry, plain_http=plain, credentials=creds, **kwargs)
-
-
-def _run(coro: Awaitable[T]) -> T:
-    return asyncio.run(coro)  # type: ignore[arg-type]
-
-
-def _fail(message: str) -> None:
-    lines = message.strip().splitlines() or ["unknown error"]
-    err.print(f"[red]error:[/red] {escape(lines[0])}", highlight=False, soft_wrap=True)
-
-
-def _describe(e: Exception) -> str:
-    """One line for any failure (pydantic's own message spans several)."""
-    if isinstance(e, ValidationError):
-        first = e.errors()[0]
-        return f"invalid {e.title}: {'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
-    return str(e)
 
 
 @click.group()
@@ -151,7 +81,7 @@ def convert(refs: tuple[str, ...], mode: str, from_file: Any, jobs: int, tag_suf
         texts += [ln.strip() for ln in from_file if ln.strip() and not ln.lstrip().startswith("#")]
     if not texts:
         raise click.UsageError("give at least one image reference (or --from-file)")
-    parsed = [_ref(t) for t in texts]
+    parsed = [parse_ref(t) for t in texts]
     options = ConvertOptions(
         mode=mode,  # type: ignore[arg-type]
         compression=compression,  # type: ignore[arg-type]
@@ -165,7 +95,7 @@ def convert(refs: tuple[str, ...], mode: str, from_file: Any, jobs: int, tag_suf
         cache_repo=None if no_cache else cache_repo,
         workdir=workdir,
     )
-    ok = _run(_convert_all(parsed, options, jobs, plain_http))
+    ok = asyncio.run(_convert_all(parsed, options, jobs, plain_http))
     sys.exit(0 if ok else 1)
 
 
@@ -191,13 +121,13 @@ async def _convert_all(refs: list[ImageRef], options: ConvertOptions, jobs: int,
                     result = await ImageConverter(client, options, progress).convert(ref)
                 except FAILURES as e:
                     all_ok = False
-                    text = _describe(e)
-                    _fail(text if str(ref) in text else f"{ref}: {text}")
+                    text = describe(e)
+                    fail(text if str(ref) in text else f"{ref}: {text}")
                     return
                 except Exception as e:  # a bug: still one line, traceback with -v
                     all_ok = False
                     logging.getLogger(__name__).debug("internal error", exc_info=True)
-                    _fail(f"{ref}: internal error: {type(e).__name__}: {e} (run with -vv for details)")
+                    fail(f"{ref}: internal error: {type(e).__name__}: {e} (run with -vv for details)")
                     return
                 finally:
                     bars.remove_task(task)
@@ -209,7 +139,7 @@ async def _convert_all(refs: list[ImageRef], options: ConvertOptions, jobs: int,
         try:
             for ref in refs:
                 if ref.registry not in clients:
-                    clients[ref.registry] = await _client(ref, plain_http).__aenter__()
+                    clients[ref.registry] = await registry_client(ref, plain_http).__aenter__()
             await asyncio.gather(*(one(r) for r in refs))
         finally:
             for c in clients.values():
@@ -234,23 +164,14 @@ def _pct(part: int, whole: int) -> str:
 def _with_image(ref_text: str, plain_http: bool, platform: str | None,
                 fn: Callable[[AcceleratedImage, RegistryClient], Awaitable[int]]) -> None:  # fmt: skip
     """Open the image (one registry client for the whole command), run ``fn``, exit with its code."""
-    ref = _ref(ref_text)
+    ref = parse_ref(ref_text)
 
     async def go() -> int:
-        async with _client(ref, plain_http) as client:
+        async with registry_client(ref, plain_http) as client:
             image = await open_image(client, ref, platform)
             return await fn(image, client)
 
-    try:
-        code = _run(go())
-    except FAILURES as e:
-        _fail(_describe(e))
-        sys.exit(1)
-    except Exception as e:  # a bug: still one line, traceback with -vv
-        logging.getLogger(__name__).debug("internal error", exc_info=True)
-        _fail(f"{ref}: internal error: {type(e).__name__}: {e} (run with -vv for details)")
-        sys.exit(1)
-    sys.exit(code)
+    run_command(ref, go)
 
 
 _TYPE_CHAR = {"dir": "d", "symlink": "l", "reg": "-", "hardlink": "-", "char": "c", "block": "b", "fifo": "p"}
@@ -317,7 +238,7 @@ def check(ref: str, plain_http: bool, platform: str | None) -> None:
             click.echo(p)
         n = len(image.view.walk())
         if problems:
-            _fail(f"{image.ref}: {len(problems)} difference(s) in {n} entries")
+            fail(f"{image.ref}: {len(problems)} difference(s) in {n} entries")
             return 1
         click.echo(f"ok: {n} entries identical to {image.source_digest} ({image.mode} mode, "
                    f"{image.bytes_fetched()} bytes fetched lazily)")  # fmt: skip

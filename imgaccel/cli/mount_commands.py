@@ -16,6 +16,8 @@ import click
 
 from imgaccel.snapshotter.chunk_cache import DEFAULT_LIMIT, ChunkCache
 
+from .common import FAILURES, describe, err, fail, parse_ref, parse_size, registry_client, run_command
+
 log = logging.getLogger(__name__)
 
 
@@ -47,14 +49,12 @@ def mount(ref: str, mountpoint: str, platform: str | None, plain_http: bool, cac
           per_layer: bool, fetch_gap: str, daemon: bool, pid_file: Path | None, log_file: Path | None,
           label: str, no_prefetch: bool, metrics_file: Path | None) -> None:  # fmt: skip
     """Mount REF read-only at MOUNTPOINT (merged layers), fetching chunks as they are read."""
-    from imgaccel.cli.main import FAILURES, _client, _describe, _fail, _ref, _size
-
     if daemon:
         _daemonize(mountpoint, pid_file, log_file)
         return
-    parsed = _ref(ref)
+    parsed = parse_ref(ref)
     try:
-        limit, gap = _size(cache_size), _size(fetch_gap) if fetch_gap.strip() not in ("0", "") else 0
+        limit, gap = parse_size(cache_size), parse_size(fetch_gap) if fetch_gap.strip() not in ("0", "") else 0
     except ValueError:
         raise click.UsageError("--cache-size / --fetch-gap: not a size (e.g. 10GiB, 64KiB)") from None
     cache = ChunkCache(cache_dir, limit)
@@ -65,7 +65,7 @@ def mount(ref: str, mountpoint: str, platform: str | None, plain_http: bool, cac
         from imgaccel.snapshotter.node_metrics import NodeMetrics
         from imgaccel.snapshotter.profiles import find_profile, replay_profile
 
-        async with _client(parsed, plain_http) as client:
+        async with registry_client(parsed, plain_http) as client:
             image = await open_image(client, parsed, platform, cache)
             for layer in image.layers:
                 layer.gap = gap
@@ -85,10 +85,10 @@ def mount(ref: str, mountpoint: str, platform: str | None, plain_http: bool, cac
     try:
         asyncio.run(go())
     except FAILURES as e:
-        _fail(_describe(e))
+        fail(describe(e))
         sys.exit(1)
     except RuntimeError as e:  # pyfuse3: mounting failed
-        _fail(f"{mountpoint}: cannot mount: {e}")
+        fail(f"{mountpoint}: cannot mount: {e}")
         sys.exit(1)
 
 
@@ -148,10 +148,8 @@ def cache_stats(cache_dir: Path) -> None:
 @click.option("--max-size", required=True, help="Evict least recently used entries down to this size.")
 def cache_gc(cache_dir: Path, max_size: str) -> None:
     """Evict least recently used entries until the cache fits MAX_SIZE."""
-    from imgaccel.cli.main import _size
-
     try:
-        limit = _size(max_size)
+        limit = parse_size(max_size)
     except ValueError:
         raise click.UsageError(f"--max-size: {max_size!r} is not a size") from None
     removed = ChunkCache(cache_dir, limit).evict(target=1.0)
@@ -192,19 +190,18 @@ def record(ref: str, command: tuple[str, ...], label: str, duration: str, platfo
 
     import pyfuse3
 
-    from imgaccel.cli.main import FAILURES, _client, _describe, _fail, _ref
     from imgaccel.snapshotter.accelerated_image import open_image
     from imgaccel.snapshotter.fuse_fs import serve_mount
     from imgaccel.snapshotter.profiles import build_profile, push_profile
 
-    parsed = _ref(ref)
+    parsed = parse_ref(ref)
     try:
         limit = _seconds(duration)
     except (ValueError, IndexError):
         raise click.UsageError(f"--duration: {duration!r} is not a duration") from None
 
     async def go() -> int:
-        async with _client(parsed, plain_http) as client:
+        async with registry_client(parsed, plain_http) as client:
             image = await open_image(client, parsed, platform, ChunkCache(cache_dir))
             with tempfile.TemporaryDirectory(prefix="imgaccel-record-") as mnt:
                 ready = asyncio.Event()
@@ -220,7 +217,7 @@ def record(ref: str, command: tuple[str, ...], label: str, duration: str, platfo
                 await mounted
             profile = build_profile(image, label)
             if not profile.chunks:
-                _fail(f"{parsed}: the command (exit {code}) read no file data; no profile recorded")
+                fail(f"{parsed}: the command (exit {code}) read no file data; no profile recorded")
                 return 1
             size = sum(image.layers[c.layer].index.chunks[c.chunk].u_size for c in profile.chunks)
             if no_push:
@@ -229,14 +226,10 @@ def record(ref: str, command: tuple[str, ...], label: str, duration: str, platfo
                 digest = await push_profile(client, image, profile)
                 click.echo(f"{parsed}: profile {label!r}: {len(profile.chunks)} chunks, {size} bytes -> {digest}")
             if code:
-                err_console().print(f"note: the command exited with {code}")
+                err.print(f"note: the command exited with {code}")
             return 0
 
-    try:
-        sys.exit(asyncio.run(go()))
-    except FAILURES as e:
-        _fail(_describe(e))
-        sys.exit(1)
+    run_command(parsed, go)
 
 
 @click.command()
@@ -247,32 +240,21 @@ def record(ref: str, command: tuple[str, ...], label: str, duration: str, platfo
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=default_cache_dir)
 def prefetch(ref: str, label: str, platform: str | None, plain_http: bool, cache_dir: Path) -> None:
     """Warm the chunk cache from the image's hot-chunk profile, without mounting."""
-    from imgaccel.cli.main import FAILURES, _client, _describe, _fail, _ref
     from imgaccel.snapshotter.accelerated_image import open_image
     from imgaccel.snapshotter.profiles import find_profile, replay_profile
 
-    parsed = _ref(ref)
+    parsed = parse_ref(ref)
 
     async def go() -> int:
-        async with _client(parsed, plain_http) as client:
+        async with registry_client(parsed, plain_http) as client:
             image = await open_image(client, parsed, platform, ChunkCache(cache_dir))
             profile = await find_profile(client, image, label)
             if profile is None:
-                _fail(f"{parsed}: no profile labelled {label!r} for {image.manifest_digest}")
+                fail(f"{parsed}: no profile labelled {label!r} for {image.manifest_digest}")
                 return 1
             n = await replay_profile(image, profile)
             click.echo(f"{parsed}: {n} of {len(profile.chunks)} profile chunks cached, "
                        f"{image.bytes_fetched()} bytes fetched")  # fmt: skip
             return 0
 
-    try:
-        sys.exit(asyncio.run(go()))
-    except FAILURES as e:
-        _fail(_describe(e))
-        sys.exit(1)
-
-
-def err_console() -> Any:
-    from imgaccel.cli.main import err
-
-    return err
+    run_command(parsed, go)
