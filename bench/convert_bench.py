@@ -38,28 +38,27 @@ from tests.registry import start_registry
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def build_tar(path: Path, size: int) -> int:
-    """tar of real files from /usr/lib and /usr/share, about ``size`` bytes of file data."""
+def real_files(size: int) -> list[str]:
+    """Readable regular files under /usr/lib and /usr/share (paths without the leading /), in a
+    stable order, about ``size`` bytes of data in all."""
     files, total = [], 0
     for base in ("/usr/lib", "/usr/share"):
         for dirpath, dirs, names in os.walk(base):
             dirs.sort()
             for n in sorted(names):
                 p = os.path.join(dirpath, n)
-                if os.path.islink(p) or not os.path.isfile(p):
-                    continue
-                try:
-                    s = os.path.getsize(p)
-                except OSError:
+                if os.path.islink(p) or not os.path.isfile(p) or not os.access(p, os.R_OK):
                     continue
                 files.append(p.lstrip("/"))
-                total += s
+                total += os.path.getsize(p)
                 if total >= size:
-                    break
-            if total >= size:
-                break
-        if total >= size:
-            break
+                    return files
+    return files
+
+
+def build_tar(path: Path, size: int) -> int:
+    """tar of real files from /usr/lib and /usr/share, about ``size`` bytes of file data."""
+    files = real_files(size)
     listing = path.with_suffix(".list")
     listing.write_text("\n".join(files) + "\n")
     subprocess.run(["tar", "-C", "/", "-cf", str(path), "--no-recursion", "-T", str(listing)], check=True)
@@ -139,9 +138,9 @@ def main() -> None:
     ap.add_argument("--reads", type=int, default=200)
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
-    from imgaccel.cli.main import _size
+    from imgaccel.cli.common import parse_size
 
-    size = _size(args.size)
+    size = parse_size(args.size)
     work = Path(tempfile.mkdtemp(prefix="imgaccel-bench-", dir=args.workdir))
     reg = None
     try:

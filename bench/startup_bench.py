@@ -28,7 +28,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from bench.convert_bench import push_layer
+from bench.convert_bench import push_layer, real_files
 from tests.registry import start_registry
 from tests.threaded_app import ThreadedApp
 
@@ -81,22 +81,6 @@ class ThrottlingProxy:
         self._server.stop()
 
 
-def pick_files(size: int, seed: int = 1) -> list[str]:
-    files, total = [], 0
-    for base in ("/usr/lib", "/usr/share"):
-        for dirpath, dirs, names in os.walk(base):
-            dirs.sort()
-            for n in sorted(names):
-                p = os.path.join(dirpath, n)
-                if os.path.islink(p) or not os.path.isfile(p) or not os.access(p, os.R_OK):
-                    continue
-                files.append(p.lstrip("/"))
-                total += os.path.getsize(p)
-                if total >= size:
-                    return files
-    return files
-
-
 def cli(*args: str, capture: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "imgaccel.cli.main", *args], cwd=ROOT, capture_output=capture,
                           text=True, check=True)  # fmt: skip
@@ -123,12 +107,12 @@ def main() -> None:
     ap.add_argument("--size", default="1.5GiB")
     ap.add_argument("--working-set", type=float, default=0.06)
     args = ap.parse_args()
-    from imgaccel.cli.main import _size
+    from imgaccel.cli.common import parse_size
 
     work = Path(tempfile.mkdtemp(prefix="imgaccel-startup-"))
     reg = proxy = None
     try:
-        files = pick_files(_size(args.size))
+        files = real_files(parse_size(args.size))
         rng = random.Random(7)
         budget = sum(os.path.getsize("/" + f) for f in files) * args.working_set
         order = files[:]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.build_images import unique_image
+from fixtures.build_images import push, unique_image
 from tests.helpers import run_cli
 from tests.registry import Registry, start_registry
 from tests.token_auth import TokenServer
@@ -38,13 +38,8 @@ def docker_config(tmp: Path, host: str, user: str, password: str) -> dict[str, s
 
 def test_credentials(auth_registry: Registry, tmp_path: Path) -> None:
     host = auth_registry.host
-    layout = unique_image(tmp_path, "auth")
-    subprocess.run(
-        ["skopeo", "copy", "--quiet", "--dest-tls-verify=false", "--dest-creds", "alice:s3cret",
-         f"oci:{layout}:v1", f"docker://{host}/private/app:v1"],
-        check=True,
-    )  # fmt: skip
     ref = f"{host}/private/app:v1"
+    push(unique_image(tmp_path, "auth"), "v1", ref, creds="alice:s3cret")
     empty = tmp_path / "none"
     empty.mkdir()
     r = run_cli("convert", ref, env={"DOCKER_CONFIG": str(empty)})
@@ -75,13 +70,8 @@ def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[R
 
 def test_bearer_token_flow(token_registry: tuple[Registry, TokenServer], tmp_path: Path) -> None:
     reg, tokens = token_registry
-    layout = unique_image(tmp_path, "bearer")
-    subprocess.run(
-        ["skopeo", "copy", "--quiet", "--dest-tls-verify=false", "--dest-creds", "carol:t0ken",
-         f"oci:{layout}:v1", f"docker://{reg.host}/secure/app:v1"],
-        check=True,
-    )  # fmt: skip
     ref = f"{reg.host}/secure/app:v1"
+    push(unique_image(tmp_path, "bearer"), "v1", ref, creds="carol:t0ken")
     wrong = tmp_path / "wrong"
     wrong.mkdir()
     r = run_cli("convert", ref, env=docker_config(wrong, reg.host, "carol", "nope"))
