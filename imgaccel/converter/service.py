@@ -129,6 +129,13 @@ class Service:
             return _error(401, "missing or wrong credential")
         return None
 
+    def _requested_job(self, request: web.Request) -> Job | web.Response:
+        """The job named in the path, or the 401/404 response to send instead."""
+        if denied := self._api_auth(request):
+            return denied
+        job = self.store.get(request.match_info["id"])
+        return job if job is not None else _error(404, "no such job")
+
     def _job_json(self, job: Job) -> dict[str, Any]:
         out = job.to_json()
         out["deliveries"] = [
@@ -149,11 +156,9 @@ class Service:
         return web.json_response({"jobs": [j.to_json() for j in jobs], "limit": limit, "offset": offset})
 
     async def get_job(self, request: web.Request) -> web.Response:
-        if denied := self._api_auth(request):
-            return denied
-        job = self.store.get(request.match_info["id"])
-        if job is None:
-            return _error(404, "no such job")
+        job = self._requested_job(request)
+        if isinstance(job, web.Response):
+            return job
         return web.json_response(self._job_json(job))
 
     async def create_job(self, request: web.Request) -> web.Response:
@@ -180,11 +185,9 @@ class Service:
         return web.json_response(self._job_json(job), status=202)
 
     async def retry_job(self, request: web.Request) -> web.Response:
-        if denied := self._api_auth(request):
-            return denied
-        job = self.store.get(request.match_info["id"])
-        if job is None:
-            return _error(404, "no such job")
+        job = self._requested_job(request)
+        if isinstance(job, web.Response):
+            return job
         if job.state not in TERMINAL:
             return _error(409, f"job is {job.state}")
         job.state, job.attempts, job.next_attempt_at, job.last_error, job.skip_reason = "queued", 0, 0.0, None, None
@@ -194,11 +197,9 @@ class Service:
 
     async def job_events(self, request: web.Request) -> web.StreamResponse:
         """Server-sent events: the job's record on every change, until it is finished."""
-        if denied := self._api_auth(request):
-            return denied
-        job = self.store.get(request.match_info["id"])
-        if job is None:
-            return _error(404, "no such job")
+        job = self._requested_job(request)
+        if isinstance(job, web.Response):
+            return job
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()

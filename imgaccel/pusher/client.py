@@ -20,7 +20,7 @@ import random
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode, urljoin
@@ -376,14 +376,7 @@ class RegistryClient:
             for attempt in range(self.retry.attempts):
                 headers = {"Range": f"bytes={got}-"} if got else {}
                 try:
-                    async with self.request(
-                        "GET",
-                        f"/v2/{repo}/blobs/{digest}",
-                        scope=self.pull_scope(repo),
-                        what=what,
-                        headers=headers,
-                        ok=(200, 206),
-                    ) as resp:
+                    async with self._blob_get(repo, digest, what, headers) as resp:
                         if got and resp.status == 200:  # no resume: start again
                             f.seek(0)
                             f.truncate()
@@ -414,6 +407,13 @@ class RegistryClient:
             raise DigestMismatchError(f"{what}: downloaded bytes hash to {actual}")
         return got
 
+    def _blob_get(
+        self, repo: str, digest: str, what: str, headers: dict[str, str]
+    ) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
+        """GET a blob (whole or a Range), answered 200 or 206."""
+        path = f"/v2/{repo}/blobs/{digest}"
+        return self.request("GET", path, scope=self.pull_scope(repo), what=what, headers=headers, ok=(200, 206))
+
     async def fetch_range(self, repo: str, digest: str, start: int, end: int) -> bytes:
         """Blob bytes ``[start, end)`` with one Range GET (not verified here: callers verify)."""
         what = f"{self.registry}/{repo}@{digest}"
@@ -423,14 +423,7 @@ class RegistryClient:
             return _read_file_range(self._spools[digest], start, end)
         for attempt in range(self.retry.attempts):
             try:
-                async with self.request(
-                    "GET",
-                    f"/v2/{repo}/blobs/{digest}",
-                    scope=self.pull_scope(repo),
-                    what=what,
-                    headers={"Range": f"bytes={start}-{end - 1}"},
-                    ok=(200, 206),
-                ) as resp:
+                async with self._blob_get(repo, digest, what, {"Range": f"bytes={start}-{end - 1}"}) as resp:
                     if resp.status == 200:  # the registry ignored Range: keep the whole blob, once
                         if not self.range_unsupported:
                             log.warning(
