@@ -82,7 +82,7 @@ def test_damaged_cache_entry_is_refetched_not_served(tmp_path: Path, tar: bytes)
 def test_tiny_cache_evicts_and_still_reads(tmp_path: Path, tar: bytes) -> None:
     cache = ChunkCache(tmp_path / "cache", limit=3 << 20)
     _, reader = readers(tmp_path, tar, "index", cache)
-    reader._cache_chunks = 1
+    reader.memory_cache = 1
     for off in range(0, len(tar), 700_000):
         assert asyncio.run(reader.read(off, 700_000)) == tar[off : off + 700_000]
     assert cache.stats.evicted > 0 and cache.size() <= 3 << 20
@@ -113,7 +113,7 @@ def test_nearby_chunks_share_one_request(tmp_path: Path, tar: bytes, gap: int, r
 
 def test_reading_further_into_a_partly_decoded_chunk_fetches_nothing(tmp_path: Path, tar: bytes) -> None:
     ranges, reader = readers(tmp_path, tar, "index", ChunkCache(tmp_path / "c"))
-    reader.readahead = False
+    reader.readahead = 0
     first = reader.index.chunks[0]
     assert len(first.blocks) >= 2  # several 1 MiB blocks: the first read decodes only the first
     assert asyncio.run(reader.read(10, 100)) == tar[10:110]

@@ -53,8 +53,11 @@ platform_opt = click.option("--platform", help="os/arch[/variant] to read (defau
 @click.option(
     "--compression", type=click.Choice(["zstd", "lz4"]), default="zstd", show_default=True, help="Full mode codec."
 )
-@click.option("--level", type=int, help="Full mode compression level (zstd default 3).")
-@click.option("--chunk-size", type=SizeParam(), default="4MiB", show_default=True, help="Full mode: largest frame.")
+@click.option("--level", type=int, help="Full mode compression level (zstd default 4, lz4 0).")
+@click.option("--chunk-size", type=SizeParam(), default="4MiB", show_default=True,
+              help="Full mode: big files are split into frames of this size.")  # fmt: skip
+@click.option("--frame-size", type=SizeParam(), default="128KiB", show_default=True,
+              help="Full mode: small files are grouped into frames of up to this size.")  # fmt: skip
 @click.option(
     "--span", type=SizeParam(), default="4MiB", show_default=True, help="Index mode: distance between checkpoints."
 )
@@ -73,8 +76,9 @@ platform_opt = click.option("--platform", help="os/arch[/variant] to read (defau
 @click.option("--workdir", type=click.Path(file_okay=False), help="Directory for temporary files.")
 @plain_http_opt
 def convert(refs: tuple[str, ...], mode: str, from_file: Any, jobs: int, tag_suffix: str | None, compression: str,
-            level: int | None, chunk_size: int, span: int, fallback: str, gzip_threads: int, platforms: tuple[str, ...],
-            cache_repo: str, no_cache: bool, workdir: str | None, plain_http: bool) -> None:  # fmt: skip
+            level: int | None, chunk_size: int, frame_size: int, span: int, fallback: str, gzip_threads: int,
+            platforms: tuple[str, ...], cache_repo: str, no_cache: bool, workdir: str | None,
+            plain_http: bool) -> None:  # fmt: skip
     """Convert images; prints 'SOURCE -> TARGET@DIGEST' per image."""
     texts = list(refs)
     if from_file:
@@ -88,6 +92,7 @@ def convert(refs: tuple[str, ...], mode: str, from_file: Any, jobs: int, tag_suf
         tag_suffix=tag_suffix,
         span=span,
         chunk_size=chunk_size,
+        frame_size=frame_size,
         level=level,
         fallback=fallback,  # type: ignore[arg-type]
         gzip_threads=gzip_threads,

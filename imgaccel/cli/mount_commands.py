@@ -10,11 +10,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from imgaccel.snapshotter.chunk_cache import DEFAULT_LIMIT, ChunkCache
+
+if TYPE_CHECKING:
+    from imgaccel.pusher.client import RegistryClient
 
 from .common import FAILURES, describe, err, fail, parse_ref, parse_size, registry_client, run_command
 
@@ -43,11 +46,16 @@ def default_cache_dir() -> Path:
 @click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), help="With --daemon: log here.")
 @click.option("--label", default="default", show_default=True, help="Hot-chunk profile to prefetch in the background.")
 @click.option("--no-prefetch", is_flag=True, help="Do not prefetch the image's hot-chunk profile.")
+@click.option("--background-fetch", "background_rate", metavar="RATE",
+              help="After the profile, fetch the rest of the image at up to RATE bytes/s (e.g. 20MiB).")  # fmt: skip
+@click.option("--max-requests", default=8, show_default=True, type=click.IntRange(2, 256),
+              help="Range requests in flight to the registry; background work uses at most half.")  # fmt: skip
 @click.option("--metrics-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Write Prometheus metrics (bytes fetched, cache hits, latency) here every 5 s.")  # fmt: skip
 def mount(ref: str, mountpoint: str, platform: str | None, plain_http: bool, cache_dir: Path, cache_size: str,
           per_layer: bool, fetch_gap: str, daemon: bool, pid_file: Path | None, log_file: Path | None,
-          label: str, no_prefetch: bool, metrics_file: Path | None) -> None:  # fmt: skip
+          label: str, no_prefetch: bool, background_rate: str | None, max_requests: int,
+          metrics_file: Path | None) -> None:  # fmt: skip
     """Mount REF read-only at MOUNTPOINT (merged layers), fetching chunks as they are read."""
     if daemon:
         _daemonize(mountpoint, pid_file, log_file)
@@ -55,26 +63,45 @@ def mount(ref: str, mountpoint: str, platform: str | None, plain_http: bool, cac
     parsed = parse_ref(ref)
     try:
         limit, gap = parse_size(cache_size), parse_size(fetch_gap) if fetch_gap.strip() not in ("0", "") else 0
+        rate = parse_size(background_rate) if background_rate else 0
     except ValueError:
-        raise click.UsageError("--cache-size / --fetch-gap: not a size (e.g. 10GiB, 64KiB)") from None
+        raise click.UsageError("--cache-size / --fetch-gap / --background-fetch: not a size (e.g. 10GiB)") from None
     cache = ChunkCache(cache_dir, limit)
 
     async def go() -> None:
-        from imgaccel.snapshotter.accelerated_image import open_image
+        from imgaccel.snapshotter.accelerated_image import AcceleratedImage, open_image
         from imgaccel.snapshotter.fuse_fs import serve_mount
+        from imgaccel.snapshotter.layer_reader import FetchSlots
         from imgaccel.snapshotter.node_metrics import NodeMetrics
-        from imgaccel.snapshotter.profiles import find_profile, replay_profile
+        from imgaccel.snapshotter.prefetch import fetch_rest, replay_profile
+        from imgaccel.snapshotter.profiles import find_profile
+
+        async def warm(client: RegistryClient, image: AcceleratedImage) -> None:
+            """Profile first (foreground reads keep priority), then the rest if asked."""
+            if not no_prefetch:
+                try:
+                    profile = await find_profile(client, image, label)
+                except FAILURES as e:
+                    log.warning("cannot look up profile %r: %s", label, describe(e))
+                    profile = None
+                if profile is None:
+                    log.info("no profile %r for %s", label, image.manifest_digest)
+                else:
+                    log.info("prefetching %d chunks of profile %r", len(profile.chunks), label)
+                    started = time.monotonic()
+                    n = await replay_profile(image, profile)
+                    log.info("profile %r: %d chunks cached in %.2f s", label, n, time.monotonic() - started)
+            if rate:
+                await fetch_rest(image, rate)
 
         async with registry_client(parsed, plain_http) as client:
-            image = await open_image(client, parsed, platform, cache)
+            slots = FetchSlots(max_requests, max_requests // 2)
+            image = await open_image(client, parsed, platform, cache, slots)
             for layer in image.layers:
                 layer.gap = gap
-            background: list[asyncio.Task[Any]] = []
+            background: list[asyncio.Task[Any]] = [asyncio.create_task(warm(client, image))]
             if metrics_file:
                 background.append(asyncio.create_task(NodeMetrics(image).write_every(metrics_file)))
-            if not no_prefetch and (profile := await find_profile(client, image, label)) is not None:
-                log.info("prefetching %d chunks of profile %r", len(profile.chunks), label)
-                background.append(asyncio.create_task(replay_profile(image, profile)))
             try:
                 await serve_mount(image, mountpoint, lambda: log.info("mounted %s", parsed), per_layer)
             finally:
@@ -241,7 +268,8 @@ def record(ref: str, command: tuple[str, ...], label: str, duration: str, platfo
 def prefetch(ref: str, label: str, platform: str | None, plain_http: bool, cache_dir: Path) -> None:
     """Warm the chunk cache from the image's hot-chunk profile, without mounting."""
     from imgaccel.snapshotter.accelerated_image import open_image
-    from imgaccel.snapshotter.profiles import find_profile, replay_profile
+    from imgaccel.snapshotter.prefetch import replay_profile
+    from imgaccel.snapshotter.profiles import find_profile
 
     parsed = parse_ref(ref)
 

@@ -280,6 +280,7 @@ class ImageConverter:
             self.options.chunk_size,
             self.options.level,
             on_output=on_output,
+            frame_size=self.options.frame_size,
         )
         if enc.index.diff_id != diff_id:
             raise LayerError(f"uncompressed content hashes to {enc.index.diff_id}, but the config says {diff_id}")

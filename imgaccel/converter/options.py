@@ -19,8 +19,9 @@ class ConvertOptions:
     compression: Literal["zstd", "lz4"] = "zstd"  # full mode
     tag_suffix: str | None = None  # None: DEFAULT_SUFFIX[mode]
     span: int = 4 << 20  # index mode: uncompressed bytes between gzip checkpoints / tar chunks
-    chunk_size: int = 4 << 20  # full mode: largest frame (and the split size of big files)
-    level: int | None = None  # full mode compression level (zstd 3, lz4 0 by default)
+    chunk_size: int = 4 << 20  # full mode: big files are split into frames of this size
+    frame_size: int = 128 << 10  # full mode: small entries are grouped into frames up to this size
+    level: int | None = None  # full mode compression level (zstd 4, lz4 0 by default)
     fallback: Literal["none", "full"] = "none"  # index mode: what to do with unseekable layers
     platforms: tuple[str, ...] = ()  # e.g. ("linux/amd64",); empty: all
     cache_repo: str | None = DEFAULT_CACHE_REPO  # registry-side record of converted layers
@@ -37,6 +38,6 @@ class ConvertOptions:
         if mode == "index":
             opts = f"span={self.span}"
         else:
-            opts = f"c={self.compression},chunk={self.chunk_size},level={self.level}"
+            opts = f"c={self.compression},chunk={self.chunk_size},frame={self.frame_size},level={self.level}"
         short = hashlib.sha256(opts.encode()).hexdigest()[:8]
         return f"{mode}-v{FORMAT_VERSION}-{short}"

@@ -8,6 +8,7 @@ and the chunks a read needs are fetched.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import platform as host_platform
 from collections.abc import AsyncIterator
@@ -18,7 +19,7 @@ from imgaccel.formats import oci, toc
 from imgaccel.pusher.client import Manifest, RegistryClient
 from imgaccel.pusher.reference import ImageRef
 from imgaccel.snapshotter.chunk_cache import ChunkCache
-from imgaccel.snapshotter.layer_reader import LayerReader
+from imgaccel.snapshotter.layer_reader import FetchSlots, LayerReader
 from imgaccel.snapshotter.merged_view import MergedView, Node, PathError
 
 MAX_INDEX_BLOB = 256 << 20
@@ -126,21 +127,33 @@ async def _read_toc(client: RegistryClient, repo: str, layer: oci.Descriptor) ->
 
 
 async def _full_layers(
-    client: RegistryClient, ref: ImageRef, manifest: oci.ImageManifest, cache: ChunkCache | None
+    client: RegistryClient, ref: ImageRef, manifest: oci.ImageManifest, cache: ChunkCache | None, slots: FetchSlots
 ) -> list[LayerReader]:
-    readers = []
-    for layer in manifest.layers:
-        index = await _read_toc(client, ref.repository, layer)
-        readers.append(_toc_reader(client, ref, layer, index, cache))
-    return readers
+    indexes = await asyncio.gather(*(_read_toc(client, ref.repository, layer) for layer in manifest.layers))
+    return [
+        _toc_reader(client, ref, layer, index, cache, slots)
+        for layer, index in zip(manifest.layers, indexes, strict=True)
+    ]
 
 
 def _toc_reader(
-    client: RegistryClient, ref: ImageRef, layer: oci.Descriptor, index: li.LayerIndex, cache: ChunkCache | None
+    client: RegistryClient,
+    ref: ImageRef,
+    layer: oci.Descriptor,
+    index: li.LayerIndex,
+    cache: ChunkCache | None,
+    slots: FetchSlots,
 ) -> LayerReader:
     toc_size = int((layer.annotations or {})[li.ANN_TOC_SIZE])
     return LayerReader(
-        client, ref.repository, layer.digest, index, blob_size=layer.size, index_size=toc_size, disk_cache=cache
+        client,
+        ref.repository,
+        layer.digest,
+        index,
+        blob_size=layer.size,
+        index_size=toc_size,
+        disk_cache=cache,
+        slots=slots,
     )
 
 
@@ -150,18 +163,18 @@ async def _index_layers(
     source: oci.ImageManifest,
     artifact: oci.ImageManifest,
     cache: ChunkCache | None,
+    slots: FetchSlots,
 ) -> list[LayerReader]:
     by_source = {(d.annotations or {}).get(li.ANN_LAYER_DIGEST): d for d in artifact.layers}
-    readers = []
-    for layer in source.layers:
+
+    async def reader(layer: oci.Descriptor) -> LayerReader:
         desc = by_source.get(layer.digest)
         what = f"{client.registry}/{ref.repository}@{layer.digest}"
         if desc is None:
             raise ImageOpenError(f"{what}: the index artifact has no index for this layer")
         if desc.mediaType != li.INDEX_BLOB_MEDIA_TYPE:  # a full-mode copy (--fallback full)
             index = await _read_toc(client, ref.repository, desc)
-            readers.append(_toc_reader(client, ref, desc, index, cache))
-            continue
+            return _toc_reader(client, ref, desc, index, cache, slots)
         blob = await client.read_blob(ref.repository, desc.digest, MAX_INDEX_BLOB)
         try:
             index, windows = li.decode_index_blob(blob)
@@ -169,26 +182,32 @@ async def _index_layers(
             raise ImageOpenError(f"{what}: invalid index {desc.digest}: {e}") from e
         if index.blob_digest != layer.digest or index.blob_size != layer.size:
             raise ImageOpenError(f"{what}: index {desc.digest} describes another blob ({index.blob_digest})")
-        readers.append(
-            LayerReader(
-                client,
-                ref.repository,
-                layer.digest,
-                index,
-                windows,
-                blob_size=layer.size,
-                index_size=desc.size,
-                disk_cache=cache,
-            )
+        return LayerReader(
+            client,
+            ref.repository,
+            layer.digest,
+            index,
+            windows,
+            blob_size=layer.size,
+            index_size=desc.size,
+            disk_cache=cache,
+            slots=slots,
         )
-    return readers
+
+    return list(await asyncio.gather(*(reader(layer) for layer in source.layers)))
 
 
 async def open_image(
-    client: RegistryClient, ref: ImageRef, platform: str | None = None, cache: ChunkCache | None = None
+    client: RegistryClient,
+    ref: ImageRef,
+    platform: str | None = None,
+    cache: ChunkCache | None = None,
+    slots: FetchSlots | None = None,
 ) -> AcceleratedImage:
     """Open ``ref`` (an ``_accelerated`` or ``_containerd_accelerated`` image, or a source
-    image with an index attached as a referrer) for lazy reading."""
+    image with an index attached as a referrer) for lazy reading. ``slots`` bounds the Range
+    requests all its layers have in flight."""
+    slots = slots or FetchSlots()
     wanted = platform or host_platform_label()
     top = await client.get_manifest(ref.repository, ref.reference)
     candidates: list[oci.Descriptor] = []
@@ -203,7 +222,7 @@ async def open_image(
     parsed = oci.ImageManifest.model_validate_json(manifest.data)
     ann = parsed.annotations or {}
     if ann.get(li.ANN_MODE) == "full":
-        layers = await _full_layers(client, ref, parsed, cache)
+        layers = await _full_layers(client, ref, parsed, cache, slots)
         mode, source = "full", ann.get(li.ANN_SOURCE_DIGEST)
     else:
         artifact = await _index_artifact(client, ref, manifest, candidates)
@@ -213,7 +232,7 @@ async def open_image(
             )
         if artifact is None:
             raise ImageOpenError(f"{ref}: not an accelerated image (no imgaccel index for {manifest.digest})")
-        layers = await _index_layers(client, ref, parsed, artifact, cache)
+        layers = await _index_layers(client, ref, parsed, artifact, cache, slots)
         mode, source = "index", manifest.digest
     view = MergedView([layer.index.entries for layer in layers])
     return AcceleratedImage(ref, top.digest, top.media_type, len(top.data), mode, manifest.digest, source, layers, view)

@@ -76,6 +76,10 @@ class ChunkCache:
         self.stats.bytes_served += len(data)
         return data
 
+    def contains(self, digest: str) -> bool:
+        """Whether an entry exists (not verified: ``get`` verifies)."""
+        return self._path(digest).exists()
+
     def put(self, digest: str, data: bytes) -> None:
         """Store bytes the caller has verified against ``digest``."""
         path = self._path(digest)

@@ -1,10 +1,16 @@
 """``LayerReader``: random access into one layer's uncompressed tar through its index.
 
-A read maps to the chunks covering it; runs of adjacent chunks are fetched with one Range
-request, each chunk is decoded and verified (``indexer.chunk_decoder``) before any byte of it
-is returned. A small in-memory LRU keeps recently decoded chunks for sequential reads; an optional
-``ChunkCache`` keeps verified chunks (or 1 MiB blocks) on disk across reads, mounts and
-processes. A chunk that fails verification is fetched once more, then the read fails.
+A read maps to the chunks covering it. Chunks that are not cached are grouped into Range
+requests (adjacent chunks, and chunks at most ``gap`` bytes apart, share one request); each
+chunk is decoded and verified (``indexer.chunk_decoder``) before any byte of it is returned.
+Fetches run as tasks with one future per chunk, so concurrent reads of the same chunk share
+one request and reads of different chunks proceed in parallel, bounded by ``FetchSlots``.
+Background work (readahead, profile replay, background fetch) uses ``prefetch``: it claims
+its chunks only once it holds a request slot, so a foreground read never queues behind it.
+
+A small in-memory LRU keeps recently decoded chunks; an optional ``ChunkCache`` keeps verified
+chunks (or 1 MiB blocks) on disk across reads, mounts and processes. A chunk that fails
+verification is fetched once more, then the read fails.
 """
 
 from __future__ import annotations
@@ -14,15 +20,17 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from imgaccel.formats.layer_index import BLOCK_SIZE, LayerIndex
 from imgaccel.indexer.chunk_decoder import ChunkVerificationError, decode_chunk
 from imgaccel.snapshotter.chunk_cache import ChunkCache
 
 log = logging.getLogger(__name__)
+MAX_REQUEST = 8 << 20  # background requests are cut at this many compressed bytes
+READAHEAD = 1 << 20  # uncompressed bytes fetched ahead of a sequential reader
 
 
 class RangeFetcher(Protocol):
@@ -42,6 +50,37 @@ class ReadStats:
     verification_failures: int = 0
 
 
+class FetchSlots:
+    """Bounds the Range requests in flight to one registry (shared by an image's layers).
+    Background work may hold at most ``background`` of the ``total`` slots, so foreground
+    reads always find one."""
+
+    def __init__(self, total: int = 8, background: int = 4) -> None:
+        if total < 2 or not 1 <= background < total:
+            raise ValueError("FetchSlots: need total >= 2 and 1 <= background < total")
+        self.total, self.background = total, background
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._all = asyncio.Semaphore(total)
+        self._bg = asyncio.Semaphore(background)
+
+    @contextlib.asynccontextmanager
+    async def slot(self, background: bool) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # semaphores belong to one event loop
+            self._loop, self._all, self._bg = loop, asyncio.Semaphore(self.total), asyncio.Semaphore(self.background)
+        if background:
+            async with self._bg, self._all:
+                yield
+        else:
+            async with self._all:
+                yield
+
+
+def _retrieve(fut: asyncio.Future[bytes]) -> None:
+    if not fut.cancelled():
+        fut.exception()  # a background failure nobody waited for is not an "unretrieved" error
+
+
 class LayerReader:
     def __init__(
         self,
@@ -50,11 +89,12 @@ class LayerReader:
         blob_digest: str,
         index: LayerIndex,
         windows: list[bytes] | None = None,
-        cache_chunks: int = 8,
+        memory_cache: int = 32 << 20,
         *,
         blob_size: int = 0,
         index_size: int = 0,
         disk_cache: ChunkCache | None = None,
+        slots: FetchSlots | None = None,
     ) -> None:
         self.fetcher = fetcher
         self.repo = repo
@@ -64,17 +104,19 @@ class LayerReader:
         self.index_size = index_size  # bytes of the index blob or TOC frame
         self.windows = windows or []
         self.disk_cache = disk_cache
+        self.slots = slots or FetchSlots()
         self.on_fetch: Callable[[float], None] | None = None  # seconds per Range request (metrics)
-        self.readahead = True  # sequential reads prefetch the next chunk
+        self.readahead = READAHEAD  # uncompressed bytes prefetched after a sequential read (0: off)
         self.gap = 64 << 10  # merge Range requests for chunks at most this many bytes apart
+        self.memory_cache = memory_cache  # bytes of decoded chunks kept in memory
         self._last_end = -1
         self.first_reads: dict[int, float] = {}  # chunk position -> when a foreground read first needed it
-        self._background: set[asyncio.Task[None]] = set()
         self.stats = ReadStats()
         self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._cached_bytes = 0
         self._compressed: OrderedDict[int, bytes] = OrderedDict()  # partly decoded chunks
-        self._cache_chunks = cache_chunks
-        self._lock = asyncio.Lock()
+        self._inflight: dict[int, asyncio.Future[bytes]] = {}
+        self._tasks: set[asyncio.Task[object]] = set()
 
     async def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes of the uncompressed tar at ``offset`` (short at the end)."""
@@ -91,91 +133,145 @@ class LayerReader:
         parts = []
         for pos in positions:
             c = self.index.chunks[pos]
-            data = chunks[pos]
             lo = max(offset - c.u_offset, 0)
             hi = min(end - c.u_offset, c.u_size)
-            parts.append(data[lo:hi])
+            parts.append(chunks[pos][lo:hi])
         return b"".join(parts)
 
     async def _chunks(self, needed: dict[int, int]) -> dict[int, bytes]:
         """Decoded, verified bytes of each chunk position, at least ``needed[p]`` of them."""
         out: dict[int, bytes] = {}
-        async with self._lock:
-            missing = []
-            for p in needed:
-                if p in self._cache and len(self._cache[p]) >= needed[p]:
-                    self._cache.move_to_end(p)
-                    out[p] = self._cache[p]
-                elif (cached := await self._from_disk(p, needed[p])) is not None:
-                    out[p] = cached
-                    self._remember(p, cached)
-                else:
-                    missing.append(p)
-            # A chunk decoded only in part (index mode decodes the verified prefix a read needs)
-            # keeps its compressed bytes, so reading further into it costs no second fetch.
-            for p in [p for p in missing if p in self._compressed]:
-                try:
-                    decoded = await self._decode(p, self._compressed[p], needed[p])
-                except ChunkVerificationError:
-                    del self._compressed[p]  # fetch it again below
-                    continue
-                missing.remove(p)
-                out[p] = decoded
-                self._remember(p, decoded, self._compressed[p])
-                await self._to_disk(p, decoded)
-            for run in self._runs(sorted(missing)):
-                start = self.index.chunks[run[0]].c_offset
-                data = await self._fetch(start, max(self._c_end(p) for p in run))
-                for p in run:
-                    c = self.index.chunks[p]
-                    piece = data[c.c_offset - start : self._c_end(p) - start]
-                    try:
-                        decoded = await self._decode(p, piece, needed[p])
-                    except ChunkVerificationError as e:  # refetch once: a transient bad transfer
-                        log.warning("%s@%s chunk %d failed verification (%s); fetching it again",
-                                    self.repo, self.blob_digest, p, e)  # fmt: skip
-                        self.stats.refetches += 1
-                        piece = await self._fetch(c.c_offset, self._c_end(p))
-                        try:
-                            decoded = await self._decode(p, piece, needed[p])
-                        except ChunkVerificationError as e2:
-                            self.stats.verification_failures += 1
-                            raise ChunkReadError(
-                                f"{self.repo}@{self.blob_digest}: chunk {p} (uncompressed {c.u_offset}-"
-                                f"{c.u_offset + c.u_size - 1}) failed verification: {e2}"
-                            ) from e2
-                    out[p] = decoded
-                    self._remember(p, decoded, piece)
-                    await self._to_disk(p, decoded)
+        waits: dict[int, asyncio.Future[bytes]] = {}
+        missing = []
+        for p, n in needed.items():
+            if (data := await self._cached(p, n)) is not None:
+                out[p] = data
+            elif (fut := self._inflight.get(p)) is not None:
+                waits[p] = fut
+            else:
+                missing.append(p)
+        for run in self._runs(sorted(missing)):
+            waits.update(self._start(run, {p: needed[p] for p in run}, background=False))
+        for p, fut in waits.items():
+            data = await asyncio.shield(fut)
+            if len(data) < needed[p]:  # another read decoded less of this chunk than we need
+                data = (await self._chunks({p: needed[p]}))[p]
+            out[p] = data
         return out
 
-    async def prefetch_chunk(self, p: int) -> None:
-        """Make chunk ``p`` cached (memory, and disk when there is a disk cache)."""
-        await self._chunks({p: self.index.chunks[p].u_size})
+    async def prefetch(self, positions: Iterable[int], max_request: int = MAX_REQUEST) -> list[int]:
+        """Background: make the chunks at ``positions`` cached (memory, and disk when there is
+        a disk cache), with merged requests in the order given. Returns the positions that
+        could not be fetched or verified (logged; a foreground read will report them)."""
+        todo = [p for p in dict.fromkeys(positions) if not self.is_cached(p)]
+        runs = self._runs(todo, max_request, keep_order=True)
+        results = await asyncio.gather(*(self._background_run(run) for run in runs))
+        return [p for failed in results for p in failed]
 
     def _read_ahead(self, p: int) -> None:
-        """Sequential reading: decode the next chunk in the background (errors are left for the
-        foreground read that needs it)."""
-        if p >= len(self.index.chunks) or p in self._cache or self._background:
-            return
+        """Sequential reading: fetch the next ``readahead`` bytes in the background."""
+        chunks, positions, ahead = self.index.chunks, [], 0
+        while p < len(chunks) and ahead < self.readahead:
+            positions.append(p)
+            ahead += chunks[p].u_size
+            p += 1
+        if positions:
+            self._spawn(self.prefetch(positions))
 
-        async def fetch() -> None:
-            with contextlib.suppress(ChunkReadError):
-                await self._chunks({p: self.index.chunks[p].u_size})
+    # -- fetching ---------------------------------------------------------------------------
 
-        task = asyncio.create_task(fetch())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+    def _start(self, run: list[int], needed: dict[int, int], background: bool) -> dict[int, asyncio.Future[bytes]]:
+        """Claim ``run``'s chunks and fetch them in a task; returns their futures."""
+        loop = asyncio.get_running_loop()
+        futures = {}
+        for p in run:
+            fut: asyncio.Future[bytes] = loop.create_future()
+            fut.add_done_callback(_retrieve)
+            futures[p] = self._inflight[p] = fut
 
-    def _runs(self, positions: list[int]) -> list[list[int]]:
+        async def go() -> None:
+            if background:
+                await self._fetch_run(run, needed, futures)
+                return
+            async with self.slots.slot(background=False):
+                await self._fetch_run(run, needed, futures)
+
+        self._spawn(go())
+        return futures
+
+    async def _background_run(self, run: list[int]) -> list[int]:
+        async with self.slots.slot(background=True):
+            run = [p for p in run if p not in self._inflight and not self.is_cached(p)]
+            if not run:
+                return []
+            futures = self._start(run, {p: self.index.chunks[p].u_size for p in run}, background=True)
+            await asyncio.wait(futures.values())
+        return [p for p, f in futures.items() if f.cancelled() or f.exception() is not None]
+
+    async def _fetch_run(
+        self, run: list[int], needed: dict[int, int], futures: dict[int, asyncio.Future[bytes]]
+    ) -> None:
+        """One Range request for ``run``; settles every future (result or ChunkReadError)."""
+        try:
+            start = self.index.chunks[run[0]].c_offset
+            data = await self._fetch(start, max(self._c_end(p) for p in run))
+            pieces = {p: data[self.index.chunks[p].c_offset - start : self._c_end(p) - start] for p in run}
+            decoded = await asyncio.to_thread(self._decode_all, pieces, needed)
+            for p in run:
+                result = decoded[p]
+                if isinstance(result, ChunkVerificationError):
+                    try:
+                        result, pieces[p] = await self._refetch(p, needed[p], result)
+                    except ChunkReadError as e:
+                        futures[p].set_exception(e)
+                        continue
+                self._remember(p, result, pieces[p])
+                await self._to_disk(p, result)  # before readers go on: a short-lived process keeps it
+                futures[p].set_result(result)
+        except ChunkReadError as e:
+            for f in futures.values():
+                if not f.done():
+                    f.set_exception(e)
+        except BaseException as e:
+            for f in futures.values():
+                if not f.done():
+                    f.set_exception(ChunkReadError(f"{self.repo}@{self.blob_digest}: fetch interrupted: {e!r}"))
+            raise
+        finally:
+            for p, f in futures.items():
+                if self._inflight.get(p) is f:
+                    del self._inflight[p]
+
+    async def _refetch(self, p: int, needed: int, first: ChunkVerificationError) -> tuple[bytes, bytes]:
+        """A chunk failed verification: fetch it once more (a transient bad transfer)."""
+        c = self.index.chunks[p]
+        log.warning("%s@%s chunk %d failed verification (%s); fetching it again", self.repo, self.blob_digest, p, first)
+        self.stats.refetches += 1
+        piece = await self._fetch(c.c_offset, self._c_end(p))
+        try:
+            return await asyncio.to_thread(self._decode, p, piece, needed), piece
+        except ChunkVerificationError as e:
+            self.stats.verification_failures += 1
+            raise ChunkReadError(
+                f"{self.repo}@{self.blob_digest}: chunk {p} (uncompressed {c.u_offset}-"
+                f"{c.u_offset + c.u_size - 1}) failed verification: {e}"
+            ) from e
+
+    def _runs(self, positions: list[int], max_request: int = 0, keep_order: bool = False) -> list[list[int]]:
         """Group chunk positions into Range requests: adjacent chunks, and chunks separated by
-        at most ``gap`` compressed bytes (fetched and discarded: one round trip is cheaper)."""
+        at most ``gap`` compressed bytes (fetched and discarded: one round trip is cheaper).
+        ``keep_order`` merges only neighbours in the given order; ``max_request`` caps a run."""
         runs: list[list[int]] = []
-        for p in positions:
-            if runs and self.index.chunks[p].c_offset - self._c_end(runs[-1][-1]) <= self.gap:
-                runs[-1].append(p)
-            else:
-                runs.append([p])
+        chunks = self.index.chunks
+        for p in positions if keep_order else sorted(positions):
+            if runs:
+                last, first = runs[-1][-1], runs[-1][0]
+                distance = chunks[p].c_offset - self._c_end(last)
+                fits = not max_request or self._c_end(p) - chunks[first].c_offset <= max_request
+                if p > last and distance <= self.gap and fits:
+                    runs[-1].append(p)
+                    continue
+            runs.append([p])
         return runs
 
     def _c_end(self, p: int) -> int:
@@ -194,22 +290,74 @@ class LayerReader:
             self.on_fetch(time.monotonic() - started)
         return data
 
-    async def _decode(self, p: int, piece: bytes, needed: int) -> bytes:
+    def _decode_all(
+        self, pieces: dict[int, bytes], needed: dict[int, int]
+    ) -> dict[int, bytes | ChunkVerificationError]:
+        out: dict[int, bytes | ChunkVerificationError] = {}
+        for p, piece in pieces.items():
+            try:
+                out[p] = self._decode(p, piece, needed[p])
+            except ChunkVerificationError as e:
+                out[p] = e
+        return out
+
+    def _decode(self, p: int, piece: bytes, needed: int) -> bytes:
         c = self.index.chunks[p]
         window = self.windows[c.window] if c.window >= 0 else b""
-        decoded = await asyncio.to_thread(decode_chunk, self.index.encoding, piece, c, window, needed)
+        decoded = decode_chunk(self.index.encoding, piece, c, window, needed)
         self.stats.chunks_decoded += 1
         return decoded
 
+    def _spawn(self, coro: Coroutine[Any, Any, object]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- caches -----------------------------------------------------------------------------
+
+    async def _cached(self, p: int, needed: int) -> bytes | None:
+        """The chunk from memory, from its kept compressed bytes, or from the disk cache."""
+        if p in self._cache and len(self._cache[p]) >= needed:
+            self._cache.move_to_end(p)
+            return self._cache[p]
+        if p in self._compressed:
+            # A chunk decoded only in part (index mode decodes the verified prefix a read
+            # needs) keeps its compressed bytes, so reading further into it costs no fetch.
+            piece = self._compressed[p]
+            try:
+                decoded = await asyncio.to_thread(self._decode, p, piece, needed)
+            except ChunkVerificationError:
+                self._compressed.pop(p, None)
+                return None
+            self._remember(p, decoded, piece)
+            await self._to_disk(p, decoded)
+            return decoded
+        if (data := await self._from_disk(p, needed)) is not None:
+            self._remember(p, data)
+            return data
+        return None
+
+    def is_cached(self, p: int) -> bool:
+        """Whole chunk in memory or on disk (not re-verified here: reads verify)."""
+        c = self.index.chunks[p]
+        if p in self._cache and len(self._cache[p]) == c.u_size:
+            return True
+        if self.disk_cache is None:
+            return False
+        return all(self.disk_cache.contains(d) for d in (c.blocks or [c.digest]))
+
     def _remember(self, p: int, decoded: bytes, compressed: bytes | None = None) -> None:
+        if p in self._cache:
+            self._cached_bytes -= len(self._cache.pop(p))
         self._cache[p] = decoded
-        while len(self._cache) > self._cache_chunks:
-            self._cache.popitem(last=False)
+        self._cached_bytes += len(decoded)
+        while self._cached_bytes > self.memory_cache and len(self._cache) > 1:
+            self._cached_bytes -= len(self._cache.popitem(last=False)[1])
         if compressed is not None and len(decoded) < self.index.chunks[p].u_size:
             self._compressed[p] = compressed
         else:
             self._compressed.pop(p, None)
-        while len(self._compressed) > self._cache_chunks:
+        while len(self._compressed) > 8:
             self._compressed.popitem(last=False)
 
     async def _from_disk(self, p: int, needed: int) -> bytes | None:

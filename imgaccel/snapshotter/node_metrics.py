@@ -23,6 +23,11 @@ class _ImageStats(Collector):
         layers = self.image.layers
         fetched = sum(layer.stats.bytes_fetched for layer in layers)
         yield CounterMetricFamily("imgaccel_node_registry_bytes", "Bytes fetched from the registry", value=fetched)
+        yield GaugeMetricFamily(
+            "imgaccel_node_index_bytes",
+            "Bytes of the layers' indexes (index blobs, TOCs) fetched to open the image",
+            value=sum(layer.index_size for layer in layers),
+        )
         yield CounterMetricFamily(
             "imgaccel_node_registry_requests",
             "Range requests sent",

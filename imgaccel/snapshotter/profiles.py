@@ -1,8 +1,7 @@
-"""Record, publish, find and replay hot-chunk profiles (``formats.profile``)."""
+"""Record, publish and find hot-chunk profiles (``formats.profile``); ``prefetch`` replays them."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from imgaccel.formats import oci
@@ -15,7 +14,6 @@ from imgaccel.formats.profile import (
 )
 from imgaccel.pusher.client import RegistryClient
 from imgaccel.snapshotter.accelerated_image import AcceleratedImage
-from imgaccel.snapshotter.layer_reader import ChunkReadError
 
 log = logging.getLogger(__name__)
 
@@ -74,24 +72,3 @@ async def find_profile(client: RegistryClient, image: AcceleratedImage, label: s
             continue  # recorded for another platform
         return profile
     return None
-
-
-async def replay_profile(image: AcceleratedImage, profile: Profile) -> int:
-    """Fetch the profile's chunks in order into the caches, one at a time so that foreground
-    reads (which take the same per-layer lock) wait for at most one chunk. Returns how many
-    chunks were fetched or found cached; stale or failing entries are skipped."""
-    done = 0
-    for item in profile.chunks:
-        if item.layer >= len(image.layers):
-            continue
-        layer = image.layers[item.layer]
-        if item.chunk >= len(layer.index.chunks) or layer.index.chunks[item.chunk].digest != item.digest:
-            log.warning("profile %s: chunk %d of layer %d is stale; skipped", profile.label, item.chunk, item.layer)
-            continue
-        try:
-            await layer.prefetch_chunk(item.chunk)
-            done += 1
-        except ChunkReadError as e:
-            log.warning("profile %s: %s", profile.label, e)
-        await asyncio.sleep(0)
-    return done
