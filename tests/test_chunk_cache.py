@@ -12,7 +12,7 @@ from fixtures.build_images import Member, real_bytes, tar_bytes
 from imgaccel.indexer.full_encoder import encode_full_layer
 from imgaccel.indexer.seekable_index import build_seekable_index
 from imgaccel.snapshotter.chunk_cache import ChunkCache
-from imgaccel.snapshotter.layer_reader import ChunkReadError, LayerReader
+from imgaccel.snapshotter.layer_reader import ChunkReadError, FetchSlots, LayerReader
 from tests.helpers import sha256
 
 
@@ -119,3 +119,56 @@ def test_reading_further_into_a_partly_decoded_chunk_fetches_nothing(tmp_path: P
     assert asyncio.run(reader.read(10, 100)) == tar[10:110]
     assert asyncio.run(reader.read(first.u_size - 100, 100)) == tar[first.u_size - 100 : first.u_size]
     assert ranges.calls == 1
+
+
+class SlowRanges(Ranges):
+    """Range reads that take ``delay`` seconds each and log what they asked for."""
+
+    def __init__(self, path: Path, delay: float) -> None:
+        super().__init__(path)
+        self.delay = delay
+        self.log: list[int] = []
+
+    async def fetch_range(self, repo: str, digest: str, start: int, end: int) -> bytes:
+        self.log.append(start)
+        await asyncio.sleep(self.delay)
+        return await super().fetch_range(repo, digest, start, end)
+
+
+def test_concurrent_reads_of_one_chunk_share_one_request(tmp_path: Path, tar: bytes) -> None:
+    src = tmp_path / "layer.tar"
+    src.write_bytes(tar)
+    enc = encode_full_layer(str(src), "tar", str(tmp_path / "layer.zst"), chunk_size=1 << 20)
+    ranges = SlowRanges(tmp_path / "layer.zst", 0.05)
+    reader = LayerReader(ranges, "r", enc.digest, enc.index)
+
+    async def go() -> list[bytes]:
+        return await asyncio.gather(*(reader.read(1000 + i, 500) for i in range(8)))
+
+    assert asyncio.run(go()) == [tar[1000 + i : 1500 + i] for i in range(8)]
+    assert ranges.calls == 1
+
+
+def test_foreground_read_does_not_queue_behind_background_prefetch(tmp_path: Path, tar: bytes) -> None:
+    src = tmp_path / "layer.tar"
+    src.write_bytes(tar)
+    enc = encode_full_layer(str(src), "tar", str(tmp_path / "layer.zst"), chunk_size=256 << 10)
+    ranges = SlowRanges(tmp_path / "layer.zst", 0.02)
+    reader = LayerReader(ranges, "r", enc.digest, enc.index, slots=FetchSlots(total=2, background=1))
+    chunks = enc.index.chunks
+    last = chunks[-2]  # the last chunk of file data (the final one may hold only the tar's end)
+    assert len(chunks) >= 10
+
+    async def go() -> tuple[bytes, list[int]]:
+        background = asyncio.create_task(reader.prefetch(range(len(chunks)), max_request=1))  # one chunk per request
+        while not ranges.log:
+            await asyncio.sleep(0.001)
+        data = await reader.read(last.u_offset, last.u_size)
+        return data, await background
+
+    data, failed = asyncio.run(go())
+    assert data == tar[last.u_offset : last.u_offset + last.u_size] and failed == []
+    # The foreground chunk went out at once (second request), not after the queued background
+    # requests; the background replay then skipped it: every chunk was fetched exactly once.
+    assert ranges.log.index(last.c_offset) == 1
+    assert sorted(ranges.log) == [c.c_offset for c in chunks]

@@ -18,8 +18,10 @@ from pathlib import Path
 import pytest
 
 from fixtures.build_images import BIG_FILE_SIZE, push, unique_image
+from imgaccel.formats.layer_index import BLOCK_SIZE
 from imgaccel.pusher.client import RegistryClient
 from imgaccel.pusher.reference import parse_reference
+from imgaccel.snapshotter.accelerated_image import open_image
 from imgaccel.snapshotter.check import Record, reference_tree
 from tests.helpers import get_json, run_cli
 from tests.registry import Registry, start_registry
@@ -287,3 +289,47 @@ def test_images_sharing_a_base_layer_fetch_it_once(registry: Registry, tmp_path:
         values = dict(line.rsplit(" ", 1) for line in metrics.read_text().splitlines() if not line.startswith("#"))
         fetched.append(float(values["imgaccel_node_registry_bytes_total"]))
     assert fetched[0] > 1_000_000 and fetched[1] == 0  # the second image found the base layer's chunks cached
+
+
+def cacheable_bytes(ref_text: str) -> int:
+    """Bytes the chunk cache holds once every chunk (index mode: every 1 MiB block) of the
+    image is cached, identical ones counted once."""
+    ref = parse_reference(ref_text)
+
+    async def go() -> int:
+        async with RegistryClient(ref.registry) as client:
+            image = await open_image(client, ref)
+        sizes: dict[str, int] = {}
+        for layer in image.layers:
+            for c in layer.index.chunks:
+                if not c.blocks:
+                    sizes[c.digest] = c.u_size
+                for i, d in enumerate(c.blocks):
+                    sizes[d] = min(BLOCK_SIZE, c.u_size - i * BLOCK_SIZE)
+        return sum(sizes.values())
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("mode", ["index", "full"])
+def test_background_fetch_caches_the_whole_image(tmp_path: Path, mode: str) -> None:
+    reg = start_registry(tmp_path / "reg")
+    ref = f"{reg.host}/background/app:v1"
+    suffix = "_accelerated" if mode == "index" else "_containerd_accelerated"
+    try:
+        push(unique_image(tmp_path, f"background-{mode}"), "v1", ref)
+        assert run_cli("convert", ref, "--mode", mode, "--no-cache").code == 0
+        want = cacheable_bytes(ref + suffix)
+        cache = tmp_path / "cache"
+        args = ("--no-prefetch", "--background-fetch", "64MiB")
+        with Mount(ref + suffix, tmp_path / "mnt", cache, None, *args) as root:
+            deadline = time.monotonic() + 60
+            while sum(p.stat().st_size for p in cache.rglob("*") if p.is_file()) < want:
+                assert time.monotonic() < deadline, "the background fetch did not cache the image"
+                time.sleep(0.1)
+            reg.stop()  # from now on every byte must come from the cache
+            assert (root / "data/big.bin").read_bytes()[: len(f"background-{mode}")] == f"background-{mode}".encode()
+            assert (root / "etc/motd").read_bytes() == b"unique\n"
+        assert "background fetch: done" in (tmp_path / "mnt.log").read_text()
+    finally:
+        reg.stop()

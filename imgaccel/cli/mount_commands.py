@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -48,8 +49,8 @@ def default_cache_dir() -> Path:
 @click.option("--no-prefetch", is_flag=True, help="Do not prefetch the image's hot-chunk profile.")
 @click.option("--background-fetch", "background_rate", metavar="RATE",
               help="After the profile, fetch the rest of the image at up to RATE bytes/s (e.g. 20MiB).")  # fmt: skip
-@click.option("--max-requests", default=8, show_default=True, type=click.IntRange(2, 256),
-              help="Range requests in flight to the registry; background work uses at most half.")  # fmt: skip
+@click.option("--max-requests", default=32, show_default=True, type=click.IntRange(2, 256),
+              help="Range requests in flight to the registry; background work uses at most 3/4.")  # fmt: skip
 @click.option("--metrics-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Write Prometheus metrics (bytes fetched, cache hits, latency) here every 5 s.")  # fmt: skip
 def mount(ref: str, mountpoint: str, platform: str | None, plain_http: bool, cache_dir: Path, cache_size: str,
@@ -57,9 +58,6 @@ def mount(ref: str, mountpoint: str, platform: str | None, plain_http: bool, cac
           label: str, no_prefetch: bool, background_rate: str | None, max_requests: int,
           metrics_file: Path | None) -> None:  # fmt: skip
     """Mount REF read-only at MOUNTPOINT (merged layers), fetching chunks as they are read."""
-    if daemon:
-        _daemonize(mountpoint, pid_file, log_file)
-        return
     parsed = parse_ref(ref)
     try:
         limit, gap = parse_size(cache_size), parse_size(fetch_gap) if fetch_gap.strip() not in ("0", "") else 0
@@ -67,6 +65,8 @@ def mount(ref: str, mountpoint: str, platform: str | None, plain_http: bool, cac
     except ValueError:
         raise click.UsageError("--cache-size / --fetch-gap / --background-fetch: not a size (e.g. 10GiB)") from None
     cache = ChunkCache(cache_dir, limit)
+    if daemon and _daemonize(mountpoint, pid_file, log_file):
+        return  # the parent: the mount is up; the forked child serves it
 
     async def go() -> None:
         from imgaccel.snapshotter.accelerated_image import AcceleratedImage, open_image
@@ -95,15 +95,23 @@ def mount(ref: str, mountpoint: str, platform: str | None, plain_http: bool, cac
                 await fetch_rest(image, rate)
 
         async with registry_client(parsed, plain_http) as client:
-            slots = FetchSlots(max_requests, max_requests // 2)
+            slots = FetchSlots(max_requests, max_requests * 3 // 4)
+            started = time.monotonic()
             image = await open_image(client, parsed, platform, cache, slots)
+            log.info("opened %s (%s mode, %d layers) in %.2f s", parsed, image.mode, len(image.layers),
+                     time.monotonic() - started)  # fmt: skip
             for layer in image.layers:
                 layer.gap = gap
             background: list[asyncio.Task[Any]] = [asyncio.create_task(warm(client, image))]
             if metrics_file:
                 background.append(asyncio.create_task(NodeMetrics(image).write_every(metrics_file)))
             try:
-                await serve_mount(image, mountpoint, lambda: log.info("mounted %s", parsed), per_layer)
+                await serve_mount(
+                    image,
+                    mountpoint,
+                    lambda: log.info("mounted %s after %.2f s", parsed, time.monotonic() - started),
+                    per_layer,
+                )
             finally:
                 for task in background:
                     task.cancel()
@@ -119,23 +127,42 @@ def mount(ref: str, mountpoint: str, platform: str | None, plain_http: bool, cac
         sys.exit(1)
 
 
-def _daemonize(mountpoint: str, pid_file: Path | None, log_file: Path | None) -> None:
-    """Re-run this command without --daemon in a new session; wait until the mount is up."""
-    args = [a for a in sys.argv[1:] if a != "--daemon"]
-    log = open(log_file or os.devnull, "ab")  # noqa: SIM115 - handed to the child
-    child = subprocess.Popen([sys.executable, "-m", "imgaccel.cli.main", *args], stdout=log, stderr=log,
-                             stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+def _daemonize(mountpoint: str, pid_file: Path | None, log_file: Path | None) -> bool:
+    """Fork: the child detaches (new session, output to the log) and returns False to go on
+    mounting; the parent waits until the mount is up and returns True. Forking (no second
+    interpreter start) keeps ``mount --daemon`` fast; no thread or event loop exists yet."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    child = os.fork()
+    if child == 0:
+        os.setsid()
+        fd = os.open(log_file or os.devnull, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        os.close(null)
+        if log_file:  # a daemon's log says what it did (opened, mounted, prefetched), not only failures
+            root = logging.getLogger()
+            root.setLevel(min(root.level, logging.INFO))
+            for handler in root.handlers:
+                handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        return False
     deadline = time.monotonic() + 60
     while not os.path.ismount(mountpoint):
-        if child.poll() is not None:
-            raise click.ClickException(f"mount failed (exit {child.returncode}); see {log_file or 'the log'}")
+        done, status = os.waitpid(child, os.WNOHANG)
+        if done:
+            code = os.waitstatus_to_exitcode(status)
+            raise click.ClickException(f"mount failed (exit {code}); see {log_file or 'the log'}")
         if time.monotonic() > deadline:
-            child.terminate()
+            os.kill(child, signal.SIGTERM)
             raise click.ClickException("mount did not come up within 60 s")
-        time.sleep(0.05)
+        time.sleep(0.01)
     if pid_file:
-        pid_file.write_text(f"{child.pid}\n")
-    click.echo(f"mounted at {mountpoint} (pid {child.pid})")
+        pid_file.write_text(f"{child}\n")
+    click.echo(f"mounted at {mountpoint} (pid {child})")
+    return True
 
 
 @click.command()

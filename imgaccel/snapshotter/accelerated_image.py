@@ -63,7 +63,7 @@ class AcceleratedImage:
         end = size if length is None else min(size, offset + length)
         if offset >= end:
             return b""
-        return await layer.read(entry.offset + offset, end - offset)
+        return await layer.read(entry.offset + offset, end - offset, entry.offset + size)
 
     async def read_file(self, path: str, offset: int = 0, length: int | None = None) -> bytes:
         _, node = self.view.lookup(path, True)

@@ -55,7 +55,7 @@ class FetchSlots:
     Background work may hold at most ``background`` of the ``total`` slots, so foreground
     reads always find one."""
 
-    def __init__(self, total: int = 8, background: int = 4) -> None:
+    def __init__(self, total: int = 32, background: int = 24) -> None:
         if total < 2 or not 1 <= background < total:
             raise ValueError("FetchSlots: need total >= 2 and 1 <= background < total")
         self.total, self.background = total, background
@@ -118,8 +118,9 @@ class LayerReader:
         self._inflight: dict[int, asyncio.Future[bytes]] = {}
         self._tasks: set[asyncio.Task[object]] = set()
 
-    async def read(self, offset: int, length: int) -> bytes:
-        """``length`` bytes of the uncompressed tar at ``offset`` (short at the end)."""
+    async def read(self, offset: int, length: int, limit: int | None = None) -> bytes:
+        """``length`` bytes of the uncompressed tar at ``offset`` (short at the end). ``limit``
+        is where the data being read ends (a file's last byte + 1): readahead stops there."""
         end = min(offset + length, self.index.uncompressed_size)
         positions = self.index.chunk_range(offset, end)
         needed = {p: min(end - self.index.chunks[p].u_offset, self.index.chunks[p].u_size) for p in positions}
@@ -128,7 +129,7 @@ class LayerReader:
             self.first_reads.setdefault(p, now)
         chunks = await self._chunks(needed)
         if self.readahead and positions and offset == self._last_end:
-            self._read_ahead(positions[-1] + 1)
+            self._read_ahead(positions[-1] + 1, self.index.uncompressed_size if limit is None else limit)
         self._last_end = end
         parts = []
         for pos in positions:
@@ -168,10 +169,10 @@ class LayerReader:
         results = await asyncio.gather(*(self._background_run(run) for run in runs))
         return [p for failed in results for p in failed]
 
-    def _read_ahead(self, p: int) -> None:
-        """Sequential reading: fetch the next ``readahead`` bytes in the background."""
+    def _read_ahead(self, p: int, limit: int) -> None:
+        """Sequential reading: fetch the next ``readahead`` bytes before ``limit`` in the background."""
         chunks, positions, ahead = self.index.chunks, [], 0
-        while p < len(chunks) and ahead < self.readahead:
+        while p < len(chunks) and ahead < self.readahead and chunks[p].u_offset < limit:
             positions.append(p)
             ahead += chunks[p].u_size
             p += 1
