@@ -135,8 +135,7 @@ class LayerIndex(BaseModel):
         """Positions in ``chunks`` covering uncompressed bytes ``[u_start, u_end)``."""
         if u_end <= u_start:
             return []
-        starts = [c.u_offset for c in self.chunks]
-        first = max(bisect_right(starts, u_start) - 1, 0)
+        first = max(bisect_right(self.chunks, u_start, key=lambda c: c.u_offset) - 1, 0)
         out: list[int] = []
         for i in range(first, len(self.chunks)):
             c = self.chunks[i]

@@ -4,7 +4,8 @@ Entries are the *uncompressed, verified* bytes of a chunk (full mode: keyed by t
 digest) or of a 1 MiB block of a chunk (index mode: keyed by the block digest), so identical
 data of different layers and images is stored once. Files are written to a temporary name and
 renamed into place, so several mounts and processes can share one cache; an entry is hashed
-again on every read and a damaged one is deleted and reported as a miss, never served. The
+again when it is read from disk and a damaged one is deleted and reported as a miss, never
+served; a small in-memory LRU keeps entries this process verified recently. The
 cache is bounded: when it grows past ``limit`` bytes the least recently used entries (by
 modification time, refreshed on every hit) are evicted under an exclusive lock.
 """
@@ -17,6 +18,8 @@ import hashlib
 import logging
 import os
 import tempfile
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,10 +38,16 @@ class CacheStats:
 
 
 class ChunkCache:
-    def __init__(self, root: Path, limit: int = DEFAULT_LIMIT) -> None:
+    def __init__(self, root: Path, limit: int = DEFAULT_LIMIT, memory: int = 64 << 20) -> None:
         self.root = root
         self.limit = limit
         self.stats = CacheStats()
+        # Recently verified entries, so a file read in many small pieces (FUSE reads are
+        # 128 KiB) is not read from disk and hashed again for every piece.
+        self._memory: OrderedDict[str, bytes] = OrderedDict()
+        self._memory_limit = memory
+        self._memory_bytes = 0
+        self._memory_lock = threading.Lock()
         (root / "chunks").mkdir(parents=True, exist_ok=True)
         self._lock_path = root / "lock"
         self._size = self._scan_size()
@@ -57,8 +66,30 @@ class ChunkCache:
                     total += os.path.getsize(os.path.join(dirpath, f))
         return total
 
+    def peek(self, digest: str) -> bytes | None:
+        """The entry if it was verified recently by this process (memory only, no I/O)."""
+        with self._memory_lock:
+            data = self._memory.get(digest)
+            if data is None:
+                return None
+            self._memory.move_to_end(digest)
+        self.stats.hits += 1
+        self.stats.bytes_served += len(data)
+        return data
+
+    def _keep(self, digest: str, data: bytes) -> None:
+        with self._memory_lock:
+            if digest in self._memory:
+                return
+            self._memory[digest] = data
+            self._memory_bytes += len(data)
+            while self._memory_bytes > self._memory_limit and self._memory:
+                self._memory_bytes -= len(self._memory.popitem(last=False)[1])
+
     def get(self, digest: str) -> bytes | None:
         """The verified bytes for ``digest``, or None (missing or damaged: refetch)."""
+        if (data := self.peek(digest)) is not None:
+            return data
         path = self._path(digest)
         try:
             data = path.read_bytes()
@@ -72,6 +103,7 @@ class ChunkCache:
             return None
         with contextlib.suppress(OSError):
             os.utime(path)  # least recently *used*
+        self._keep(digest, data)
         self.stats.hits += 1
         self.stats.bytes_served += len(data)
         return data
@@ -83,6 +115,7 @@ class ChunkCache:
     def put(self, digest: str, data: bytes) -> None:
         """Store bytes the caller has verified against ``digest``."""
         path = self._path(digest)
+        self._keep(digest, data)
         if path.exists():
             return
         path.parent.mkdir(exist_ok=True)

@@ -48,6 +48,7 @@ class ReadStats:
     chunks_decoded: int = 0
     refetches: int = 0
     verification_failures: int = 0
+    wait_seconds: float = 0.0  # foreground reads waiting on Range requests
 
 
 class FetchSlots:
@@ -123,23 +124,30 @@ class LayerReader:
         is where the data being read ends (a file's last byte + 1): readahead stops there."""
         end = min(offset + length, self.index.uncompressed_size)
         positions = self.index.chunk_range(offset, end)
-        needed = {p: min(end - self.index.chunks[p].u_offset, self.index.chunks[p].u_size) for p in positions}
         now = time.monotonic()
         for p in positions:
             self.first_reads.setdefault(p, now)
-        chunks = await self._chunks(needed)
+        parts: dict[int, bytes] = {}
+        needed: dict[int, int] = {}
+        for p in positions:
+            c = self.index.chunks[p]
+            lo, hi = max(offset - c.u_offset, 0), min(end - c.u_offset, c.u_size)
+            if (data := self._cache.get(p)) is not None and len(data) >= hi:
+                self._cache.move_to_end(p)
+                parts[p] = data[lo:hi]
+            elif c.blocks and (piece := await self._blocks_from_disk(p, lo, hi)) is not None:
+                parts[p] = piece  # only the cached 1 MiB blocks this read needs
+            else:
+                needed[p] = hi
+        for p, data in (await self._chunks(needed)).items():
+            c = self.index.chunks[p]
+            parts[p] = data[max(offset - c.u_offset, 0) : min(end - c.u_offset, c.u_size)]
         if self.readahead and positions and offset == self._last_end:
             self._read_ahead(positions[-1] + 1, self.index.uncompressed_size if limit is None else limit)
         self._last_end = end
-        parts = []
-        for pos in positions:
-            c = self.index.chunks[pos]
-            lo = max(offset - c.u_offset, 0)
-            hi = min(end - c.u_offset, c.u_size)
-            parts.append(chunks[pos][lo:hi])
-        return b"".join(parts)
+        return b"".join(parts[p] for p in positions)
 
-    async def _chunks(self, needed: dict[int, int]) -> dict[int, bytes]:
+    async def _chunks(self, needed: dict[int, int], nested: bool = False) -> dict[int, bytes]:
         """Decoded, verified bytes of each chunk position, at least ``needed[p]`` of them."""
         out: dict[int, bytes] = {}
         waits: dict[int, asyncio.Future[bytes]] = {}
@@ -153,11 +161,16 @@ class LayerReader:
                 missing.append(p)
         for run in self._runs(sorted(missing)):
             waits.update(self._start(run, {p: needed[p] for p in run}, background=False))
-        for p, fut in waits.items():
-            data = await asyncio.shield(fut)
-            if len(data) < needed[p]:  # another read decoded less of this chunk than we need
-                data = (await self._chunks({p: needed[p]}))[p]
-            out[p] = data
+        started = time.monotonic()
+        try:
+            for p, fut in waits.items():
+                data = await asyncio.shield(fut)
+                if len(data) < needed[p]:  # another read decoded less of this chunk than we need
+                    data = (await self._chunks({p: needed[p]}, nested=True))[p]
+                out[p] = data
+        finally:
+            if waits and not nested:
+                self.stats.wait_seconds += time.monotonic() - started
         return out
 
     async def prefetch(self, positions: Iterable[int], max_request: int = MAX_REQUEST) -> list[int]:
@@ -361,12 +374,28 @@ class LayerReader:
         while len(self._compressed) > 8:
             self._compressed.popitem(last=False)
 
+    async def _blocks_from_disk(self, p: int, lo: int, hi: int) -> bytes | None:
+        """Bytes ``lo:hi`` of chunk ``p`` from its cached 1 MiB blocks, or None."""
+        if self.disk_cache is None or hi <= lo:
+            return None
+        blocks = self.index.chunks[p].blocks[lo // BLOCK_SIZE : (hi - 1) // BLOCK_SIZE + 1]
+        cache = self.disk_cache
+        found = [cache.peek(d) for d in blocks]
+        if any(b is None for b in found):
+            found = await asyncio.to_thread(lambda: [cache.get(d) for d in blocks])
+        if any(b is None for b in found):
+            return None
+        base = lo // BLOCK_SIZE * BLOCK_SIZE
+        return b"".join(b for b in found if b is not None)[lo - base : hi - base]
+
     async def _from_disk(self, p: int, needed: int) -> bytes | None:
         """The chunk (or its first ``needed`` bytes, whole blocks) from the disk cache."""
         if self.disk_cache is None:
             return None
         c = self.index.chunks[p]
         if not c.blocks:
+            if (data := self.disk_cache.peek(c.digest)) is not None:
+                return data
             return await asyncio.to_thread(self.disk_cache.get, c.digest)
         parts = []
         for i in range(-(-needed // BLOCK_SIZE) if needed else 1):

@@ -23,6 +23,11 @@ class _ImageStats(Collector):
         layers = self.image.layers
         fetched = sum(layer.stats.bytes_fetched for layer in layers)
         yield CounterMetricFamily("imgaccel_node_registry_bytes", "Bytes fetched from the registry", value=fetched)
+        yield CounterMetricFamily(
+            "imgaccel_node_read_wait_seconds",
+            "Time reads spent waiting for Range requests (not served from a cache)",
+            value=sum(layer.stats.wait_seconds for layer in layers),
+        )
         yield GaugeMetricFamily(
             "imgaccel_node_index_bytes",
             "Bytes of the layers' indexes (index blobs, TOCs) fetched to open the image",
