@@ -94,7 +94,7 @@ def mount(ref: str, mountpoint: str, platform: str | None, plain_http: bool, cac
             if rate:
                 await fetch_rest(image, rate)
 
-        async with registry_client(parsed, plain_http) as client:
+        async with registry_client(parsed, plain_http, max_connections=max_requests) as client:
             slots = FetchSlots(max_requests, max_requests * 3 // 4)
             started = time.monotonic()
             image = await open_image(client, parsed, platform, cache, slots)
@@ -292,17 +292,21 @@ def record(ref: str, command: tuple[str, ...], label: str, duration: str, platfo
 @click.option("--platform")
 @click.option("--plain-http", is_flag=True)
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=default_cache_dir)
-def prefetch(ref: str, label: str, platform: str | None, plain_http: bool, cache_dir: Path) -> None:
+@click.option("--max-requests", default=32, show_default=True, type=click.IntRange(2, 256),
+              help="Range requests in flight to the registry.")  # fmt: skip
+def prefetch(ref: str, label: str, platform: str | None, plain_http: bool, cache_dir: Path, max_requests: int) -> None:
     """Warm the chunk cache from the image's hot-chunk profile, without mounting."""
     from imgaccel.snapshotter.accelerated_image import open_image
+    from imgaccel.snapshotter.layer_reader import FetchSlots
     from imgaccel.snapshotter.prefetch import replay_profile
     from imgaccel.snapshotter.profiles import find_profile
 
     parsed = parse_ref(ref)
 
     async def go() -> int:
-        async with registry_client(parsed, plain_http) as client:
-            image = await open_image(client, parsed, platform, ChunkCache(cache_dir))
+        async with registry_client(parsed, plain_http, max_connections=max_requests) as client:
+            slots = FetchSlots(max_requests, max_requests - 1)  # nothing else is reading
+            image = await open_image(client, parsed, platform, ChunkCache(cache_dir), slots)
             profile = await find_profile(client, image, label)
             if profile is None:
                 fail(f"{parsed}: no profile labelled {label!r} for {image.manifest_digest}")
