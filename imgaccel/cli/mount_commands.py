@@ -311,9 +311,11 @@ def prefetch(ref: str, label: str, platform: str | None, plain_http: bool, cache
             if profile is None:
                 fail(f"{parsed}: no profile labelled {label!r} for {image.manifest_digest}")
                 return 1
+            started = time.monotonic()
             n = await replay_profile(image, profile)
-            click.echo(f"{parsed}: {n} of {len(profile.chunks)} profile chunks cached, "
-                       f"{image.bytes_fetched()} bytes fetched")  # fmt: skip
+            requests = sum(layer.stats.requests for layer in image.layers)
+            click.echo(f"{parsed}: {n} of {len(profile.chunks)} profile chunks cached, {image.bytes_fetched()} bytes "
+                       f"fetched with {requests} requests in {time.monotonic() - started:.2f} s")  # fmt: skip
             return 0
 
     run_command(parsed, go)

@@ -29,7 +29,7 @@ from imgaccel.indexer.chunk_decoder import ChunkVerificationError, decode_chunk
 from imgaccel.snapshotter.chunk_cache import ChunkCache
 
 log = logging.getLogger(__name__)
-MAX_REQUEST = 8 << 20  # background requests are cut at this many compressed bytes
+MAX_REQUEST = 2 << 20  # background requests are cut at this many compressed bytes (bounds memory)
 READAHEAD = 1 << 20  # uncompressed bytes fetched ahead of a sequential reader
 
 
