@@ -173,12 +173,15 @@ class LayerReader:
                 self.stats.wait_seconds += time.monotonic() - started
         return out
 
-    async def prefetch(self, positions: Iterable[int], max_request: int = MAX_REQUEST) -> list[int]:
+    async def prefetch(
+        self, positions: Iterable[int], max_request: int = MAX_REQUEST, gap: int | None = None
+    ) -> list[int]:
         """Background: make the chunks at ``positions`` cached (memory, and disk when there is
-        a disk cache), with merged requests in the order given. Returns the positions that
-        could not be fetched or verified (logged; a foreground read will report them)."""
+        a disk cache), with merged requests in the order given (``gap``: see ``_runs``; default
+        ``self.gap``). Returns the positions that could not be fetched or verified (logged; a
+        foreground read will report them)."""
         todo = [p for p in dict.fromkeys(positions) if not self.is_cached(p)]
-        runs = self._runs(todo, max_request, keep_order=True)
+        runs = self._runs(todo, max_request, keep_order=True, gap=self.gap if gap is None else gap)
         results = await asyncio.gather(*(self._background_run(run) for run in runs))
         return [p for failed in results for p in failed]
 
@@ -271,18 +274,21 @@ class LayerReader:
                 f"{c.u_offset + c.u_size - 1}) failed verification: {e}"
             ) from e
 
-    def _runs(self, positions: list[int], max_request: int = 0, keep_order: bool = False) -> list[list[int]]:
+    def _runs(
+        self, positions: list[int], max_request: int = 0, keep_order: bool = False, gap: int | None = None
+    ) -> list[list[int]]:
         """Group chunk positions into Range requests: adjacent chunks, and chunks separated by
         at most ``gap`` compressed bytes (fetched and discarded: one round trip is cheaper).
         ``keep_order`` merges only neighbours in the given order; ``max_request`` caps a run."""
         runs: list[list[int]] = []
         chunks = self.index.chunks
+        gap = self.gap if gap is None else gap
         for p in positions if keep_order else sorted(positions):
             if runs:
                 last, first = runs[-1][-1], runs[-1][0]
                 distance = chunks[p].c_offset - self._c_end(last)
                 fits = not max_request or self._c_end(p) - chunks[first].c_offset <= max_request
-                if p > last and distance <= self.gap and fits:
+                if p > last and distance <= gap and fits:
                     runs[-1].append(p)
                     continue
             runs.append([p])

@@ -45,7 +45,9 @@ async def replay_profile(image: AcceleratedImage, profile: Profile) -> int:
         by_layer: dict[int, list[int]] = {}
         for n, p in valid[start : start + window]:
             by_layer.setdefault(n, []).append(p)
-        work += [image.layers[n].prefetch(sorted(ps)) for n, ps in by_layer.items()]
+        # Adjacent chunks only: a profile is what a start-up reads, and anything between its
+        # chunks would be fetched for nothing.
+        work += [image.layers[n].prefetch(sorted(ps), gap=0) for n, ps in by_layer.items()]
         start, window = start + window, min(window * 2, LAST_WINDOW)
     failed = sum(len(f) for f in await asyncio.gather(*work))
     if failed:
