@@ -6,7 +6,7 @@ frames, so small frames keep what it fetches for a small file close to the file'
 (128 KiB frames at zstd level 4 stay as small as 4 MiB frames at level 3 give, within 5%). Decompressing every frame
 in order yields the original tar byte for byte. The TOC and seek table follow the data frames
 (``formats.toc``). Compression runs on a thread pool (both codecs release the GIL); memory is
-bounded by ``MAX_IN_FLIGHT`` frames.
+bounded by ``MAX_IN_FLIGHT`` bytes of frames in flight.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from imgaccel.indexer.uncompressed_stream import open_uncompressed
 
 Compression = Literal["zstd", "lz4"]
 OutputFn = Callable[[int], None]
-MAX_IN_FLIGHT = 6
+MAX_IN_FLIGHT = 24 << 20  # uncompressed bytes queued for or in compression
 
 
 @dataclass
@@ -58,6 +58,7 @@ class _FrameWriter:
         self._local = threading.local()
         self._pending: deque[tuple[int, int, Future[tuple[bytes, str]]]] = deque()
         self._hash = hashlib.sha256()
+        self._pending_bytes = 0
         self.offset = 0
         self.chunks: list[Chunk] = []
 
@@ -72,11 +73,13 @@ class _FrameWriter:
 
     def submit(self, u_offset: int, data: bytes) -> None:
         self._pending.append((u_offset, len(data), self._pool.submit(self._compress, data)))
-        while len(self._pending) >= MAX_IN_FLIGHT:
+        self._pending_bytes += len(data)
+        while self._pending_bytes >= MAX_IN_FLIGHT:
             self._drain_one()
 
     def _drain_one(self) -> None:
         u_offset, u_size, fut = self._pending.popleft()
+        self._pending_bytes -= u_size
         frame, digest = fut.result()
         self.write_raw(frame)
         self.chunks.append(
