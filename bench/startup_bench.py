@@ -190,6 +190,7 @@ class LazyRun:
     index_bytes: float
     rss_mb: float
     waited: float  # seconds reads waited on Range requests
+    requests: float  # Range requests sent (one multi-range request counts once)
     replay: str  # the daemon's log line on the profile replay
 
     @property
@@ -217,7 +218,8 @@ def lazy_run(work: Path, ref: str, name: str, ws: list[str], label: str | None) 
     replay = [ln.split(": ", 1)[1] for ln in (work / f"{name}.log").read_text().splitlines() if "chunks cached" in ln]
     return LazyRun(mounted, reads, metric(metrics, "imgaccel_node_registry_bytes_total"),
                    metric(metrics, "imgaccel_node_index_bytes"), rss,
-                   metric(metrics, "imgaccel_node_read_wait_seconds_total"), replay[0] if replay else "")  # fmt: skip
+                   metric(metrics, "imgaccel_node_read_wait_seconds_total"),
+                   metric(metrics, "imgaccel_node_registry_requests_total"), replay[0] if replay else "")  # fmt: skip
 
 
 def main() -> None:
@@ -273,7 +275,8 @@ def main() -> None:
                     fetched = r.chunk_bytes + r.index_bytes
                     print(f"  {mode:5} {'profile' if profiled else 'lazy   '}: mount {r.mounted:.2f} s + reads "
                           f"{r.reads:.2f} s = {r.total:.2f} s -> {baseline / r.total:.1f}x faster; fetched "
-                          f"{r.chunk_bytes / 1e6:.1f} MB chunks + {r.index_bytes / 1e6:.2f} MB index, amplification "
+                          f"{r.chunk_bytes / 1e6:.1f} MB chunks in {r.requests:.0f} requests + "
+                          f"{r.index_bytes / 1e6:.2f} MB index, amplification "
                           f"{fetched / ws_compressed:.2f}; reads waited on the network {r.waited:.2f} s; "
                           f"mount peak RSS {r.rss_mb:.0f} MB {r.replay}", flush=True)  # fmt: skip
             for mode in ("index", "full"):

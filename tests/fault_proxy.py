@@ -15,7 +15,9 @@ from tests.threaded_app import ThreadedApp
 
 # A rule sees (method, path, how many times this method+path was seen) and returns a fault name:
 # "429", "503", "drop" (close the connection mid-body), "slow" (wait 3 s, then forward) or
-# "norange" (forward without the Range header: answer 200 with the whole blob).
+# "norange" (forward without the Range header: answer 200 with the whole blob), or
+# "nomultirange" (like S3: a Range header listing several ranges is dropped and the whole blob
+# sent with 200, slowly, so a client that hangs up early is seen doing so; one range is kept).
 Rule = Callable[[str, str, int], str | None]
 HOP_HEADERS = {"transfer-encoding", "connection", "keep-alive", "content-encoding"}
 
@@ -27,6 +29,7 @@ class FaultProxy:
     host: str = ""
     faults: Counter[str] = field(default_factory=Counter)
     seen: Counter[tuple[str, str]] = field(default_factory=Counter)
+    sent: Counter[str] = field(default_factory=Counter)  # body bytes written, by fault
     _server: ThreadedApp = field(init=False)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
@@ -47,6 +50,12 @@ class FaultProxy:
         if fault == "norange":  # a registry (or CDN) that ignores Range and sends the whole blob
             self.faults[fault] += 1
             headers.pop("Range", None)
+        if fault == "nomultirange":
+            if "," not in headers.get("Range", ""):
+                fault = None
+            else:
+                self.faults[fault] += 1
+                headers.pop("Range", None)
         async with (
             aiohttp.ClientSession(auto_decompress=False) as session,
             session.request(
@@ -67,8 +76,15 @@ class FaultProxy:
                     assert request.transport is not None
                     request.transport.close()  # the connection dies mid-body
                     return resp
-                await resp.write(block)
+                try:
+                    await resp.write(block)
+                except ConnectionError:
+                    return resp  # the client hung up
                 sent += len(block)
+                if fault is not None:
+                    self.sent[fault] += len(block)
+                if fault == "nomultirange":
+                    await asyncio.sleep(0.01)
             await resp.write_eof()
             return resp
 

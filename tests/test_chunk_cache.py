@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -17,15 +18,23 @@ from tests.helpers import sha256
 
 
 class Ranges:
-    """Range reads from a local file; ``corrupt`` damages that many of the next responses."""
+    """Range reads from a local file, one call per request (several ranges: one multi-range
+    request); ``corrupt`` damages that many of the next ranges served."""
+
+    multi_range_unsupported = False
 
     def __init__(self, path: Path) -> None:
         self.data = path.read_bytes()
         self.corrupt = 0
         self.calls = 0
+        self.served = 0  # byte ranges
 
-    async def fetch_range(self, repo: str, digest: str, start: int, end: int) -> bytes:
+    async def fetch_ranges(self, repo: str, digest: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         self.calls += 1
+        return [self.serve(start, end) for start, end in ranges]
+
+    def serve(self, start: int, end: int) -> bytes:
+        self.served += 1
         data = self.data[start:end]
         if self.corrupt:
             self.corrupt -= 1
@@ -100,15 +109,23 @@ def test_bad_transfer_is_refetched_once_then_fails(tmp_path: Path, tar: bytes) -
     assert not [p for p in (tmp_path / "c2" / "chunks").rglob("*") if p.is_file()]  # nothing unverified cached
 
 
-@pytest.mark.parametrize(("gap", "requests"), [(0, 2), (8 << 20, 1)])
-def test_nearby_chunks_share_one_request(tmp_path: Path, tar: bytes, gap: int, requests: int) -> None:
+@pytest.mark.parametrize(
+    ("gap", "multi_range", "requests", "spans"),
+    [(0, True, 1, 2), (0, False, 2, 2), (8 << 20, True, 1, 1), (8 << 20, False, 1, 1)],
+)
+def test_nearby_chunks_share_one_request(
+    tmp_path: Path, tar: bytes, gap: int, multi_range: bool, requests: int, spans: int
+) -> None:
+    """Chunks within ``gap`` share one byte range; the ranges of one read share one request
+    when the registry answers multi-range requests."""
     ranges, reader = readers(tmp_path, tar, "full", ChunkCache(tmp_path / "c"))
+    ranges.multi_range_unsupported = not multi_range
     reader.gap = gap
     c = reader.index.chunks
     asyncio.run(reader.read(c[1].u_offset, 10))  # chunk 1 is now cached: chunks 0 and 2 are separated
-    before = ranges.calls
+    before, served = ranges.calls, ranges.served
     assert asyncio.run(reader.read(0, c[2].u_offset + 10)) == tar[: c[2].u_offset + 10]
-    assert ranges.calls - before == requests
+    assert (ranges.calls - before, ranges.served - served) == (requests, spans)
 
 
 def test_reading_further_into_a_partly_decoded_chunk_fetches_nothing(tmp_path: Path, tar: bytes) -> None:
@@ -129,10 +146,10 @@ class SlowRanges(Ranges):
         self.delay = delay
         self.log: list[int] = []
 
-    async def fetch_range(self, repo: str, digest: str, start: int, end: int) -> bytes:
-        self.log.append(start)
+    async def fetch_ranges(self, repo: str, digest: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        self.log += [start for start, _ in ranges]
         await asyncio.sleep(self.delay)
-        return await super().fetch_range(repo, digest, start, end)
+        return await super().fetch_ranges(repo, digest, ranges)
 
 
 def test_concurrent_reads_of_one_chunk_share_one_request(tmp_path: Path, tar: bytes) -> None:

@@ -10,6 +10,7 @@ import random
 import struct
 import subprocess
 import tarfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -31,11 +32,13 @@ SPAN = 1 << 20
 class FileRanges:
     """Range reads from a local file: the blob source for reader tests that need no registry."""
 
+    multi_range_unsupported = False
+
     def __init__(self, path: Path) -> None:
         self.data = path.read_bytes()
 
-    async def fetch_range(self, repo: str, digest: str, start: int, end: int) -> bytes:
-        return self.data[start:end]
+    async def fetch_ranges(self, repo: str, digest: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        return [self.data[start:end] for start, end in ranges]
 
 
 @pytest.fixture(scope="module")

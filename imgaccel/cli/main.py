@@ -11,20 +11,19 @@ import logging
 import stat as statmod
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-from imgaccel.converter.image_converter import ConvertResult, ImageConverter
-from imgaccel.converter.image_converter import Progress as ConvertProgress
 from imgaccel.converter.options import DEFAULT_CACHE_REPO, ConvertOptions
 from imgaccel.formats import layer_index as li
 from imgaccel.formats import oci
 from imgaccel.pusher.client import RegistryClient
 from imgaccel.pusher.reference import ImageRef
 from imgaccel.snapshotter.accelerated_image import AcceleratedImage, ImageOpenError, open_image
-from imgaccel.snapshotter.check import compare, reference_tree
+
+if TYPE_CHECKING:  # the conversion pipeline and progress bars are imported by the commands that use them
+    from imgaccel.converter.image_converter import ConvertResult
 
 from .common import FAILURES, SizeParam, describe, err, fail, parse_ref, registry_client, run_command
 from .mount_commands import cache, mount, prefetch, record, umount
@@ -105,6 +104,11 @@ def convert(refs: tuple[str, ...], mode: str, from_file: Any, jobs: int, tag_suf
 
 
 async def _convert_all(refs: list[ImageRef], options: ConvertOptions, jobs: int, plain_http: bool) -> bool:
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    from imgaccel.converter.image_converter import ImageConverter
+    from imgaccel.converter.image_converter import Progress as ConvertProgress
+
     slots = asyncio.Semaphore(jobs)
     clients: dict[str, RegistryClient] = {}
     all_ok = True
@@ -233,6 +237,8 @@ def cat(ref: str, path: str, plain_http: bool, platform: str | None) -> None:
 @platform_opt
 def check(ref: str, plain_http: bool, platform: str | None) -> None:
     """Read every entry lazily and compare with a full extraction of the source image."""
+
+    from imgaccel.snapshotter.check import compare, reference_tree
 
     async def go(image: AcceleratedImage, client: RegistryClient) -> int:
         if not image.source_digest:

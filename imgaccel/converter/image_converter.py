@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
+from imgaccel.converter.errors import ConversionError, NotConvertible
 from imgaccel.converter.layer_cache import LayerCache, empty_config
 from imgaccel.converter.options import ConvertOptions, Mode
 from imgaccel.formats import layer_index as li
@@ -37,14 +38,6 @@ from imgaccel.pusher.errors import RegistryError
 from imgaccel.pusher.reference import ImageRef
 
 log = logging.getLogger(__name__)
-
-
-class ConversionError(Exception):
-    """One image could not be converted; the message names the object and the cause."""
-
-
-class NotConvertible(ConversionError):
-    """The reference is not something to convert (a Helm chart, a signature, our own output)."""
 
 
 @dataclass

@@ -16,7 +16,8 @@ import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack, suppress
 
-from imgaccel.converter.image_converter import ConversionError, ImageConverter, NotConvertible, Progress
+from imgaccel.converter.errors import ConversionError, NotConvertible
+from imgaccel.converter.image_converter import ImageConverter, Progress
 from imgaccel.converter.job_store import Job, JobStore
 from imgaccel.converter.metrics import ServiceMetrics
 from imgaccel.converter.service_config import Rule, ServiceConfig

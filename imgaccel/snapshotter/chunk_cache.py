@@ -15,9 +15,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import logging
 import os
-import tempfile
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -50,6 +50,8 @@ class ChunkCache:
         self._memory_lock = threading.Lock()
         (root / "chunks").mkdir(parents=True, exist_ok=True)
         self._lock_path = root / "lock"
+        self._dirs: set[str] = set()  # entry directories known to exist
+        self._serial = itertools.count()
         self._size = self._scan_size()
 
     def _path(self, digest: str) -> Path:
@@ -114,18 +116,28 @@ class ChunkCache:
 
     def put(self, digest: str, data: bytes) -> None:
         """Store bytes the caller has verified against ``digest``."""
-        path = self._path(digest)
+        path = str(self._path(digest))
         self._keep(digest, data)
-        if path.exists():
+        if os.path.exists(path):
             return
-        path.parent.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        parent = os.path.dirname(path)
+        if parent not in self._dirs:
+            os.makedirs(parent, exist_ok=True)
+            self._dirs.add(parent)
+        # A name no other process or thread uses; renamed into place once complete.
+        tmp = f"{parent}/.tmp-{os.getpid()}-{threading.get_ident()}-{next(self._serial)}"
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
             os.replace(tmp, path)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
             raise
         self._size += len(data)
         self.stats.bytes_stored += len(data)

@@ -1,8 +1,10 @@
 """``LayerReader``: random access into one layer's uncompressed tar through its index.
 
-A read maps to the chunks covering it. Chunks that are not cached are grouped into Range
-requests (adjacent chunks, and chunks at most ``gap`` bytes apart, share one request); each
-chunk is decoded and verified (``indexer.chunk_decoder``) before any byte of it is returned.
+A read maps to the chunks covering it. Chunks that are not cached are grouped into runs
+(adjacent chunks, and chunks at most ``gap`` bytes apart, share one byte range), and the runs
+of one read, or of one batch of background work, into one request: a multi-range GET where the
+registry supports it (``RangeFetcher.fetch_ranges``). Each chunk is decoded and verified
+(``indexer.chunk_decoder``) before any byte of it is returned.
 Fetches run as tasks with one future per chunk, so concurrent reads of the same chunk share
 one request and reads of different chunks proceed in parallel, bounded by ``FetchSlots``.
 Background work (readahead, profile replay, background fetch) uses ``prefetch``: it claims
@@ -20,7 +22,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -30,11 +32,16 @@ from imgaccel.snapshotter.chunk_cache import ChunkCache
 
 log = logging.getLogger(__name__)
 MAX_REQUEST = 2 << 20  # background requests are cut at this many compressed bytes (bounds memory)
+MAX_RANGES = 128  # byte ranges in one multi-range request (keeps the Range header short)
 READAHEAD = 1 << 20  # uncompressed bytes fetched ahead of a sequential reader
+INLINE_DISK_READ = 256 << 10  # cached chunks up to this size are read (and re-hashed) on the event loop
+Run = list[int]  # chunk positions fetched as one byte range
 
 
 class RangeFetcher(Protocol):
-    async def fetch_range(self, repo: str, digest: str, start: int, end: int) -> bytes: ...
+    multi_range_unsupported: bool  # True: each byte range needs a request of its own
+
+    async def fetch_ranges(self, repo: str, digest: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]: ...
 
 
 class ChunkReadError(IOError):
@@ -159,8 +166,8 @@ class LayerReader:
                 waits[p] = fut
             else:
                 missing.append(p)
-        for run in self._runs(sorted(missing)):
-            waits.update(self._start(run, {p: needed[p] for p in run}, background=False))
+        for request in self._requests(self._runs(sorted(missing))):
+            waits.update(self._start(request, {p: needed[p] for run in request for p in run}, background=False))
         started = time.monotonic()
         try:
             for p, fut in waits.items():
@@ -174,15 +181,22 @@ class LayerReader:
         return out
 
     async def prefetch(
-        self, positions: Iterable[int], max_request: int = MAX_REQUEST, gap: int | None = None
+        self,
+        positions: Iterable[int],
+        max_request: int = MAX_REQUEST,
+        gap: int | None = None,
+        in_flight: asyncio.Semaphore | None = None,
     ) -> list[int]:
         """Background: make the chunks at ``positions`` cached (memory, and disk when there is
-        a disk cache), with merged requests in the order given (``gap``: see ``_runs``; default
-        ``self.gap``). Returns the positions that could not be fetched or verified (logged; a
-        foreground read will report them)."""
+        a disk cache), with requests of at most ``max_request`` compressed bytes sent in the
+        order given (``gap``: see ``_runs``; default ``self.gap``). ``in_flight`` bounds this
+        work's requests on top of the background slots. Returns the positions that could not
+        be fetched or verified (logged; a foreground read will report them)."""
         todo = [p for p in dict.fromkeys(positions) if not self.is_cached(p)]
         runs = self._runs(todo, max_request, keep_order=True, gap=self.gap if gap is None else gap)
-        results = await asyncio.gather(*(self._background_run(run) for run in runs))
+        results = await asyncio.gather(
+            *(self._background_request(r, in_flight) for r in self._requests(runs, max_request))
+        )
         return [p for failed in results for p in failed]
 
     def _read_ahead(self, p: int, limit: int) -> None:
@@ -197,44 +211,54 @@ class LayerReader:
 
     # -- fetching ---------------------------------------------------------------------------
 
-    def _start(self, run: list[int], needed: dict[int, int], background: bool) -> dict[int, asyncio.Future[bytes]]:
-        """Claim ``run``'s chunks and fetch them in a task; returns their futures."""
+    def _start(self, request: list[Run], needed: dict[int, int], background: bool) -> dict[int, asyncio.Future[bytes]]:
+        """Claim the chunks of ``request``'s runs and fetch them in a task; returns their futures."""
         loop = asyncio.get_running_loop()
         futures = {}
-        for p in run:
-            fut: asyncio.Future[bytes] = loop.create_future()
-            fut.add_done_callback(_retrieve)
-            futures[p] = self._inflight[p] = fut
+        for run in request:
+            for p in run:
+                fut: asyncio.Future[bytes] = loop.create_future()
+                fut.add_done_callback(_retrieve)
+                futures[p] = self._inflight[p] = fut
 
         async def go() -> None:
             if background:
-                await self._fetch_run(run, needed, futures)
+                await self._fetch_request(request, needed, futures)
                 return
             async with self.slots.slot(background=False):
-                await self._fetch_run(run, needed, futures)
+                await self._fetch_request(request, needed, futures)
 
         self._spawn(go())
         return futures
 
-    async def _background_run(self, run: list[int]) -> list[int]:
-        async with self.slots.slot(background=True):
-            run = [p for p in run if p not in self._inflight and not self.is_cached(p)]
-            if not run:
+    async def _background_request(self, request: list[Run], in_flight: asyncio.Semaphore | None) -> list[int]:
+        async with in_flight or contextlib.nullcontext(), self.slots.slot(background=True):
+            # Claimed only now: chunks a foreground read fetched meanwhile are skipped.
+            request = [r for r in ([p for p in run if p not in self._inflight and not self.is_cached(p)]
+                                   for run in request) if r]  # fmt: skip
+            if not request:
                 return []
-            futures = self._start(run, {p: self.index.chunks[p].u_size for p in run}, background=True)
+            futures = self._start(request, {p: self.index.chunks[p].u_size for r in request for p in r}, True)
             await asyncio.wait(futures.values())
         return [p for p, f in futures.items() if f.cancelled() or f.exception() is not None]
 
-    async def _fetch_run(
-        self, run: list[int], needed: dict[int, int], futures: dict[int, asyncio.Future[bytes]]
+    async def _fetch_request(
+        self, request: list[Run], needed: dict[int, int], futures: dict[int, asyncio.Future[bytes]]
     ) -> None:
-        """One Range request for ``run``; settles every future (result or ChunkReadError)."""
+        """One request (one byte range per run); settles every future (result or ChunkReadError)."""
         try:
-            start = self.index.chunks[run[0]].c_offset
-            data = await self._fetch(start, max(self._c_end(p) for p in run))
-            pieces = {p: data[self.index.chunks[p].c_offset - start : self._c_end(p) - start] for p in run}
-            decoded = await asyncio.to_thread(self._decode_all, pieces, needed)
-            for p in run:
+            chunks = self.index.chunks
+            spans = [(chunks[run[0]].c_offset, max(self._c_end(p) for p in run)) for run in request]
+            datas = await self._fetch(spans)
+            pieces = {
+                p: data[chunks[p].c_offset - start : self._c_end(p) - start]
+                for run, (start, _), data in zip(request, spans, datas, strict=True)
+                for p in run
+            }
+            # Decoded, verified and written to the disk cache in one worker-thread call, before
+            # readers go on (a short-lived process keeps what it read).
+            decoded = await asyncio.to_thread(self._decode_and_store, pieces, needed)
+            for p in pieces:
                 result = decoded[p]
                 if isinstance(result, ChunkVerificationError):
                     try:
@@ -242,8 +266,8 @@ class LayerReader:
                     except ChunkReadError as e:
                         futures[p].set_exception(e)
                         continue
+                    await self._to_disk(p, result)
                 self._remember(p, result, pieces[p])
-                await self._to_disk(p, result)  # before readers go on: a short-lived process keeps it
                 futures[p].set_result(result)
         except ChunkReadError as e:
             for f in futures.values():
@@ -264,7 +288,7 @@ class LayerReader:
         c = self.index.chunks[p]
         log.warning("%s@%s chunk %d failed verification (%s); fetching it again", self.repo, self.blob_digest, p, first)
         self.stats.refetches += 1
-        piece = await self._fetch(c.c_offset, self._c_end(p))
+        piece = (await self._fetch([(c.c_offset, self._c_end(p))]))[0]
         try:
             return await asyncio.to_thread(self._decode, p, piece, needed), piece
         except ChunkVerificationError as e:
@@ -276,11 +300,11 @@ class LayerReader:
 
     def _runs(
         self, positions: list[int], max_request: int = 0, keep_order: bool = False, gap: int | None = None
-    ) -> list[list[int]]:
+    ) -> list[Run]:
         """Group chunk positions into Range requests: adjacent chunks, and chunks separated by
         at most ``gap`` compressed bytes (fetched and discarded: one round trip is cheaper).
         ``keep_order`` merges only neighbours in the given order; ``max_request`` caps a run."""
-        runs: list[list[int]] = []
+        runs: list[Run] = []
         chunks = self.index.chunks
         gap = self.gap if gap is None else gap
         for p in positions if keep_order else sorted(positions):
@@ -294,31 +318,54 @@ class LayerReader:
             runs.append([p])
         return runs
 
+    def _requests(self, runs: list[Run], max_request: int = 0) -> list[list[Run]]:
+        """Consecutive runs grouped into requests of at most ``MAX_RANGES`` ranges and (when
+        ``max_request`` is set) ``max_request`` compressed bytes; one run per request when the
+        registry cannot answer multi-range requests."""
+        if self.fetcher.multi_range_unsupported:
+            return [[run] for run in runs]
+        out: list[list[Run]] = []
+        size = 0
+        for run in runs:
+            n = self._c_end(run[-1]) - self.index.chunks[run[0]].c_offset
+            if out and len(out[-1]) < MAX_RANGES and (not max_request or size + n <= max_request):
+                out[-1].append(run)
+                size += n
+            else:
+                out.append([run])
+                size = n
+        return out
+
     def _c_end(self, p: int) -> int:
         c = self.index.chunks[p]
         return c.c_offset + c.c_size
 
-    async def _fetch(self, start: int, stop: int) -> bytes:
+    async def _fetch(self, spans: list[tuple[int, int]]) -> list[bytes]:
         started = time.monotonic()
         try:
-            data = await self.fetcher.fetch_range(self.repo, self.blob_digest, start, stop)
+            datas = await self.fetcher.fetch_ranges(self.repo, self.blob_digest, spans)
         except Exception as e:
-            raise ChunkReadError(f"{self.repo}@{self.blob_digest}: fetching bytes {start}-{stop - 1}: {e}") from e
+            where = f"bytes {spans[0][0]}-{spans[0][1] - 1}" + (
+                f" and {len(spans) - 1} more ranges" if len(spans) > 1 else ""
+            )
+            raise ChunkReadError(f"{self.repo}@{self.blob_digest}: fetching {where}: {e}") from e
         self.stats.requests += 1
-        self.stats.bytes_fetched += len(data)
+        self.stats.bytes_fetched += sum(len(d) for d in datas)
         if self.on_fetch is not None:
             self.on_fetch(time.monotonic() - started)
-        return data
+        return datas
 
-    def _decode_all(
+    def _decode_and_store(
         self, pieces: dict[int, bytes], needed: dict[int, int]
     ) -> dict[int, bytes | ChunkVerificationError]:
         out: dict[int, bytes | ChunkVerificationError] = {}
         for p, piece in pieces.items():
             try:
-                out[p] = self._decode(p, piece, needed[p])
+                out[p] = decoded = self._decode(p, piece, needed[p])
             except ChunkVerificationError as e:
                 out[p] = e
+                continue
+            self._store(p, decoded)
         return out
 
     def _decode(self, p: int, piece: bytes, needed: int) -> bytes:
@@ -402,6 +449,8 @@ class LayerReader:
         if not c.blocks:
             if (data := self.disk_cache.peek(c.digest)) is not None:
                 return data
+            if c.u_size <= INLINE_DISK_READ:  # cheaper than a hop to a worker thread and back
+                return self.disk_cache.get(c.digest)
             return await asyncio.to_thread(self.disk_cache.get, c.digest)
         parts = []
         for i in range(-(-needed // BLOCK_SIZE) if needed else 1):
@@ -412,11 +461,19 @@ class LayerReader:
         return b"".join(parts)
 
     async def _to_disk(self, p: int, decoded: bytes) -> None:
+        if self.disk_cache is not None:
+            await asyncio.to_thread(self._store, p, decoded)
+
+    def _store(self, p: int, decoded: bytes) -> None:
+        """Verified bytes of chunk ``p`` into the disk cache (whole chunk, or its 1 MiB blocks)."""
         if self.disk_cache is None:
             return
         c = self.index.chunks[p]
-        if not c.blocks:
-            await asyncio.to_thread(self.disk_cache.put, c.digest, decoded)
-            return
-        for i in range(0, len(decoded), BLOCK_SIZE):
-            await asyncio.to_thread(self.disk_cache.put, c.blocks[i // BLOCK_SIZE], decoded[i : i + BLOCK_SIZE])
+        try:
+            if not c.blocks:
+                self.disk_cache.put(c.digest, decoded)
+                return
+            for i in range(0, len(decoded), BLOCK_SIZE):
+                self.disk_cache.put(c.blocks[i // BLOCK_SIZE], decoded[i : i + BLOCK_SIZE])
+        except OSError as e:  # a full or broken cache disk costs refetches, never a read
+            log.warning("chunk cache %s: cannot store chunk %d of %s: %s", self.disk_cache.root, p, self.blob_digest, e)

@@ -24,6 +24,9 @@ MAX_SYMLINK_HOPS = 40
 
 def normalize_path(name: str) -> str | None:
     """Path relative to the root ("" is the root itself), or None when it escapes the root."""
+    stripped = name.strip("/")
+    if "//" not in stripped and "/." not in "/" + stripped:
+        return stripped  # the common case: nothing to resolve
     parts: list[str] = []
     for p in name.split("/"):
         if p in ("", "."):
@@ -85,19 +88,24 @@ class MergedView:
                 node = self._find(parent_path)
                 if node is not None:
                     node.children.pop(base[len(WHITEOUT_PREFIX) :], None)
+        parents: dict[str, Node] = {}  # directory nodes found so far (tar entries come grouped by directory)
         for path, e in placed:
-            base = path.rpartition("/")[2]
+            parent_path, _, base = path.rpartition("/")
             if base.startswith(WHITEOUT_PREFIX):
                 continue
             if path == "":
                 if e.type == "dir":
                     self.root.entry, self.root.layer = e, i
                 continue
-            parent = self._ensure_dir(path.rpartition("/")[0], i)
+            parent = parents.get(parent_path)
+            if parent is None:
+                parent = parents[parent_path] = self._ensure_dir(parent_path, i)
             old = parent.children.get(base)
             if old is not None and old.entry.type == "dir" and e.type == "dir":
                 old.entry, old.layer = e, i  # directories merge; the upper one's metadata wins
             else:
+                if old is not None and old.entry.type == "dir":
+                    parents.clear()  # a directory was replaced: nodes found under it are gone
                 parent.children[base] = Node(e, i)
 
     @classmethod

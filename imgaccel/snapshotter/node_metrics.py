@@ -61,6 +61,12 @@ class _ImageStats(Collector):
         yield CounterMetricFamily(
             "imgaccel_node_range_fallbacks", "Registries that ignored Range requests", value=fallbacks
         )
+        fetchers = {id(layer.fetcher): layer.fetcher for layer in layers}
+        yield CounterMetricFamily(
+            "imgaccel_node_multi_range_fallbacks",
+            "Registries that did not answer multi-range requests part by part (one range per request since)",
+            value=sum(1 for f in fetchers.values() if f.multi_range_unsupported),
+        )
 
 
 class NodeMetrics:

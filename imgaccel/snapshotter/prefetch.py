@@ -1,9 +1,10 @@
 """Fetching ahead of reads: replay a hot-chunk profile, then (optionally) the rest of the image.
 
-Both are background work on ``LayerReader.prefetch``: requests are merged (nearby chunks share
-one Range request), bounded by the image's ``FetchSlots`` background share, and a chunk is
-claimed only when its request starts, so a foreground read that needs a chunk first fetches it
-itself instead of waiting in this queue.
+Both are background work on ``LayerReader.prefetch``: adjacent chunks share a byte range and
+the ranges of a batch share one multi-range request (where the registry answers them), bounded
+by the image's ``FetchSlots`` background share; a chunk is claimed only when its request
+starts, so a foreground read that needs a chunk first fetches it itself instead of waiting in
+this queue.
 """
 
 from __future__ import annotations
@@ -18,13 +19,17 @@ from imgaccel.snapshotter.accelerated_image import AcceleratedImage
 log = logging.getLogger(__name__)
 # The profile is replayed in windows of entries, each sorted by offset so neighbours share a
 # request; order is kept across windows. Windows double from the first (what a start-up reads
-# first arrives first) up to the last (fewer, larger requests: 4096 entries replay a 1219-chunk
-# profile with 237 requests in 1.8 s where windows of 64 take 1092 requests and 3.1 s).
+# first arrives first) up to the last (fewer, larger requests).
 FIRST_WINDOW, LAST_WINDOW = 64, 4096
+# Replay requests in flight. Each is one multi-range request of up to 2 MiB (``LayerReader.
+# prefetch``), so a few keep the link busy while chunks still arrive in profile order: a
+# 33 MB, 1113-chunk profile over 200 Mbit/s + 10 ms took 1.68 / 1.50 / 1.41 / 1.98 s with
+# 2 / 4 / 8 / 24 in flight (the link alone: 1.33 s), and with 24 everything arrives at the end.
+REPLAY_IN_FLIGHT = 4
 BACKGROUND_BATCH = 4 << 20  # compressed bytes per background-fetch request
 
 
-async def replay_profile(image: AcceleratedImage, profile: Profile) -> int:
+async def replay_profile(image: AcceleratedImage, profile: Profile, in_flight: int = REPLAY_IN_FLIGHT) -> int:
     """Fetch the profile's chunks into the caches in profile order (within growing windows of
     entries, each sorted so neighbours share a request). Returns how many are now cached;
     stale entries (another image's chunks) and failures are skipped and logged."""
@@ -40,6 +45,7 @@ async def replay_profile(image: AcceleratedImage, profile: Profile) -> int:
             continue
         valid.append((item.layer, item.chunk))
     work = []
+    limit = asyncio.Semaphore(in_flight)
     start, window = 0, FIRST_WINDOW
     while start < len(valid):
         by_layer: dict[int, list[int]] = {}
@@ -47,7 +53,7 @@ async def replay_profile(image: AcceleratedImage, profile: Profile) -> int:
             by_layer.setdefault(n, []).append(p)
         # Adjacent chunks only: a profile is what a start-up reads, and anything between its
         # chunks would be fetched for nothing.
-        work += [image.layers[n].prefetch(sorted(ps), gap=0) for n, ps in by_layer.items()]
+        work += [image.layers[n].prefetch(sorted(ps), gap=0, in_flight=limit) for n, ps in by_layer.items()]
         start, window = start + window, min(window * 2, LAST_WINDOW)
     failed = sum(len(f) for f in await asyncio.gather(*work))
     if failed:
