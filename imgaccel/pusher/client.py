@@ -446,28 +446,31 @@ class RegistryClient:
         return data
 
     async def fetch_ranges(self, repo: str, digest: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
-        """Blob bytes of each ``[start, end)`` in ``ranges`` (ascending, not overlapping): one
-        multi-range GET answered ``multipart/byteranges`` when there are several, else one Range
-        GET each. A registry (or the storage it redirects to) that answers a multi-range GET
-        with the whole blob is detected from the status line, before its body is read: the
-        connection is dropped and this client asks one range at a time from then on. Not
-        verified here: callers verify."""
+        """Blob bytes of each ``[start, end)`` in ``ranges`` (not overlapping): one multi-range
+        GET answered ``multipart/byteranges`` when there are several, else one Range GET each.
+        A registry (or the storage it redirects to) that answers a multi-range GET with the
+        whole blob is detected from the status line, before its body is read: the connection
+        is dropped and this client asks one range at a time from then on; so it does after a
+        malformed multipart answer. Not verified here: callers verify."""
         if len(ranges) > 1 and not self.multi_range_unsupported and digest not in self._spools:
             what = f"{self.registry}/{repo}@{digest}"
             header = "bytes=" + ",".join(f"{start}-{end - 1}" for start, end in ranges)
+            why = ""
             for attempt in range(self.retry.attempts):
                 try:
                     async with self._blob_get(repo, digest, what, {"Range": header}) as resp:
-                        parts = await _read_byteranges(resp, ranges, what)
-                    if parts is not None:
-                        return parts
-                    break
+                        try:
+                            return await _read_byteranges(resp, ranges)
+                        except ValueError as e:
+                            resp.close()  # whatever is left of the body is not read
+                            why = str(e)
+                            break
                 except (*_RETRY_EXCEPTIONS, asyncio.IncompleteReadError) as e:
                     if attempt + 1 >= self.retry.attempts:
                         raise RegistryError(f"{what}: {len(ranges)} ranges failed: {type(e).__name__}: {e}") from e
                     await asyncio.sleep(self.retry.delay(attempt))
-            log.warning("%s: registry does not answer multi-range requests part by part; asking one range at a "
-                        "time", self.registry)  # fmt: skip
+            log.warning("%s: a multi-range request was answered with %s; asking one range per request from now on",
+                        self.registry, why)  # fmt: skip
             self.multi_range_unsupported = True
         return [await self.fetch_range(repo, digest, start, end) for start, end in ranges]
 
@@ -681,52 +684,47 @@ def _content_range(value: str | None) -> tuple[int, int] | None:
     return int(first), int(last) + 1
 
 
-async def _read_byteranges(
-    resp: aiohttp.ClientResponse, ranges: Sequence[tuple[int, int]], what: str
-) -> list[bytes] | None:
+async def _read_byteranges(resp: aiohttp.ClientResponse, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
     """The bytes of each range from a 206 answer to a multi-range GET: ``multipart/byteranges``
-    parts, or one part spanning them all. None when the answer is anything else (a 200 with
-    the whole blob, parts that miss a range): a body not read by then is not read, and its
-    connection is dropped. Parts larger than the ranges asked for are an error, so memory
-    stays bounded by the ranges' size."""
-    want = sum(end - start for start, end in ranges)
-    got: list[tuple[int, int, bytes]] = []
+    parts, or one part spanning them all. ``ValueError`` says what else the answer was (a 200
+    with the whole blob, parts that miss a range or are longer than they claim); nothing more
+    of its body is read then, so memory stays bounded by the ranges' size."""
     if resp.status != 206:
-        resp.close()
-        return None
+        raise ValueError(f"status {resp.status} (the whole blob)")
+    want = sum(end - start for start, end in ranges)
+    lowest, highest = min(start for start, _ in ranges), max(end for _, end in ranges)
+    got: list[tuple[int, int, bytes]] = []
     if resp.content_type == "multipart/byteranges":
         reader = aiohttp.MultipartReader(resp.headers, resp.content)
         total = 0
         while (part := await reader.next()) is not None:
             span = _content_range(part.headers.get("Content-Range"))
             if span is None or not isinstance(part, aiohttp.BodyPartReader):
-                raise RegistryError(f"{what}: multi-range answer has a part without a valid Content-Range")
+                raise ValueError("a part without a valid Content-Range")
             total += span[1] - span[0]
             if total > want:
-                raise RegistryError(f"{what}: multi-range answer is larger than the {len(ranges)} ranges asked for")
+                raise ValueError(f"parts larger than the {len(ranges)} ranges asked for")
             buf = bytearray()
             while block := await part.read_chunk(1 << 20):
                 buf += block
                 if len(buf) > span[1] - span[0]:
                     break
             if len(buf) != span[1] - span[0]:
-                raise RegistryError(f"{what}: multi-range part {span[0]}-{span[1] - 1} has a wrong length")
+                raise ValueError(f"part {span[0]}-{span[1] - 1} of the wrong length")
             got.append((span[0], span[1], bytes(buf)))
-    else:  # one part: acceptable only if it is exactly the span from the first range to the last
+    else:  # one part: acceptable only if it is exactly the span from the lowest range to the highest
         span = _content_range(resp.headers.get("Content-Range"))
-        if span != (ranges[0][0], ranges[-1][1]):
-            resp.close()
-            return None
-        data = await _read_limited(resp, span[1] - span[0])
-        if len(data) != span[1] - span[0]:
-            raise RegistryError(f"{what}: range {span[0]}-{span[1] - 1} returned {len(data)} bytes")
-        got.append((span[0], span[1], data))
+        if span != (lowest, highest):
+            raise ValueError(f"one part, {resp.headers.get('Content-Range')!r}")
+        data = await _read_limited(resp, highest - lowest)
+        if len(data) != highest - lowest:
+            raise ValueError(f"a part of {len(data)} bytes, not {highest - lowest}")
+        got.append((lowest, highest, data))
     out = []
     for start, end in ranges:
         piece = next((d[start - lo : end - lo] for lo, hi, d in got if lo <= start and end <= hi), None)
         if piece is None:
-            resp.close()
-            return None
+            raise ValueError(f"no part holding bytes {start}-{end - 1}")
         out.append(piece)
     return out
 
