@@ -189,3 +189,50 @@ def test_foreground_read_does_not_queue_behind_background_prefetch(tmp_path: Pat
     # requests; the background replay then skipped it: every chunk was fetched exactly once.
     assert ranges.log.index(last.c_offset) == 1
     assert sorted(ranges.log) == [c.c_offset for c in chunks]
+
+
+def _index_reader(tmp_path: Path, tar: bytes) -> tuple[Ranges, LayerReader]:
+    blob = tmp_path / "layer4m.gz"
+    blob.write_bytes(gzip.compress(tar))
+    built = build_seekable_index(str(blob), "gzip", sha256(blob.read_bytes()), sha256(tar), 4 << 20)
+    ranges = Ranges(blob)
+    return ranges, LayerReader(ranges, "r", "d", built.index, built.windows)
+
+
+def test_index_mode_fetches_only_the_blocks_a_read_needs(tmp_path: Path, tar: bytes) -> None:
+    """A small read early in a 4 MiB gzip span fetches an estimated prefix of the span's
+    compressed bytes, not all of them; reading further tops the prefix up."""
+    ranges, reader = _index_reader(tmp_path, tar)
+    reader.readahead = 0
+    first = reader.index.chunks[0]
+    assert len(first.blocks) >= 4
+    assert asyncio.run(reader.read(1000, 100)) == tar[1000:1100]
+    assert ranges.calls == 1 and reader.stats.bytes_fetched < first.c_size // 2
+    end = first.u_offset + first.u_size
+    assert asyncio.run(reader.read(end - 100, 100)) == tar[end - 100 : end]  # the last block: the rest
+    assert ranges.calls == 2 and reader.stats.bytes_fetched == first.c_size
+
+
+def test_index_mode_short_prefix_estimate_is_topped_up(
+    tmp_path: Path, tar: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import imgaccel.snapshotter.layer_reader as layer_reader
+
+    monkeypatch.setattr(layer_reader, "PREFIX_MARGIN", 0.05)
+    monkeypatch.setattr(layer_reader, "PREFIX_SLACK", 1)
+    ranges, reader = _index_reader(tmp_path, tar)
+    reader.readahead = 0
+    assert asyncio.run(reader.read(2_500_000, 5000)) == tar[2_500_000:2_505_000]
+    assert ranges.calls == 2  # the estimate, then the rest of the span
+    assert reader.stats.verification_failures == 0 and reader.stats.refetches == 0
+
+
+def test_index_mode_prefetch_up_to_a_profile_limit(tmp_path: Path, tar: bytes) -> None:
+    ranges, reader = _index_reader(tmp_path, tar)
+    first = reader.index.chunks[0]
+    assert asyncio.run(reader.prefetch([0], upto={0: 5000})) == []
+    assert reader.is_cached(0, 5000) and not reader.is_cached(0)
+    assert reader.stats.bytes_fetched < first.c_size // 2
+    before = ranges.calls
+    assert asyncio.run(reader.read(100, 4000)) == tar[100:4100]
+    assert ranges.calls == before  # served from what the prefetch decoded

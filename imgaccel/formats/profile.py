@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2  # 2 added ProfileChunk.upto; version 1 profiles read as before
 PROFILE_MEDIA_TYPE = "application/vnd.imgaccel.profile.v1+json"
 PROFILE_ARTIFACT_TYPE = "application/vnd.imgaccel.profile.v1"
 ANN_PROFILE_LABEL = "io.imgaccel.profile.label"
@@ -22,11 +22,15 @@ class ProfileChunk(BaseModel):
     layer: int = Field(ge=0)  # position of the layer in the platform manifest
     chunk: int = Field(ge=0)  # position of the chunk in that layer's index
     digest: str  # the chunk's digest, so a stale profile is detected rather than misapplied
+    # Index mode: how many uncompressed bytes from the chunk's start the workload read, when
+    # less than the whole chunk (replay then fetches only the blocks covering them); absent:
+    # the whole chunk.
+    upto: int | None = Field(default=None, ge=1)
 
 
 class Profile(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    version: int = PROFILE_VERSION
+    version: int = Field(default=PROFILE_VERSION, ge=1, le=PROFILE_VERSION)
     label: str
     image: str  # digest of the accelerated image's top manifest or index (the subject)
     manifest: str  # digest of the platform manifest whose layers ``layer`` counts

@@ -13,16 +13,22 @@ import lz4.frame
 import zstandard
 
 from imgaccel.formats.layer_index import BLOCK_SIZE, Chunk, Encoding
-from imgaccel.indexer.raw_inflate import InflateError, inflate_from_checkpoint
+from imgaccel.indexer.raw_inflate import InflateError, InflateInputEnded, inflate_from_checkpoint
 
 
 class ChunkVerificationError(ValueError):
     """Chunk bytes did not decode, or decoded to bytes with the wrong digest."""
 
 
+class ChunkInputEnded(ChunkVerificationError):
+    """gzip: the compressed bytes ended before the wanted prefix was decoded. Given a prefix
+    of the chunk's compressed bytes, fetch more; given all of them, the chunk is damaged."""
+
+
 def decode_chunk(encoding: Encoding, data: bytes, chunk: Chunk, window: bytes = b"", upto: int | None = None) -> bytes:
     """The chunk's uncompressed bytes, verified. With ``upto`` and block digests (gzip), only
-    the verified prefix covering ``[0, upto)``, rounded up to whole blocks, is decoded."""
+    the verified prefix covering ``[0, upto)``, rounded up to whole blocks, is decoded, and
+    ``data`` may be a prefix of the chunk's compressed bytes (``ChunkInputEnded`` if short)."""
     want = chunk.u_size
     if upto is not None and chunk.blocks:
         want = min(chunk.u_size, -(-upto // BLOCK_SIZE) * BLOCK_SIZE)
@@ -30,7 +36,10 @@ def decode_chunk(encoding: Encoding, data: bytes, chunk: Chunk, window: bytes = 
         if encoding == "tar":
             out = data[:want]
         elif encoding == "gzip":
-            out = inflate_from_checkpoint(data, chunk.bits, window, want)
+            try:
+                out = inflate_from_checkpoint(data, chunk.bits, window, want)
+            except InflateInputEnded as e:
+                raise ChunkInputEnded(f"cannot decode: {e}") from e
         elif encoding == "zstd":
             reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=False)
             parts, left = [], want + 1 if want == chunk.u_size else want

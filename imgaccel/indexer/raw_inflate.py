@@ -61,6 +61,11 @@ class InflateError(ValueError):
     """The compressed bytes are not valid deflate data from this checkpoint."""
 
 
+class InflateInputEnded(InflateError):
+    """The compressed bytes ended before ``out_size`` bytes were inflated (a caller that
+    fetched only a prefix of the span may fetch more and try again)."""
+
+
 def gzip_header_length(data: bytes | memoryview, pos: int) -> int:
     """Length of the gzip member header starting at ``data[pos]`` (RFC 1952)."""
     if len(data) < pos + 10 or data[pos] != 0x1F or data[pos + 1] != 0x8B or data[pos + 2] != 8:
@@ -122,16 +127,16 @@ def inflate_from_checkpoint(data: bytes, bits: int, window: bytes, out_size: int
             if ret == _Z_STREAM_END and produced < out_size:
                 pos += 8  # CRC32 + ISIZE of the finished member
                 if pos >= len(data):
-                    raise InflateError("gzip stream ends before the span does")
+                    raise InflateInputEnded("gzip stream ends before the span does")
                 pos += gzip_header_length(data, pos)
                 _zlib.inflateReset(ctypes.byref(strm))
                 continue
             if ret in (_Z_OK, _Z_STREAM_END):
                 if ret == _Z_OK and strm.avail_in == 0 and produced < out_size:
-                    raise InflateError("compressed range ends before the span does")
+                    raise InflateInputEnded("compressed range ends before the span does")
                 continue
             if ret == _Z_BUF_ERROR and produced < out_size:
-                raise InflateError("compressed range ends before the span does")
+                raise InflateInputEnded("compressed range ends before the span does")
             msg = strm.msg.decode() if strm.msg else f"zlib error {ret}"
             raise InflateError(msg)
         if expect_end:
@@ -151,4 +156,4 @@ def inflate_from_checkpoint(data: bytes, bits: int, window: bytes, out_size: int
         _zlib.inflateEnd(ctypes.byref(strm))
 
 
-__all__ = ["InflateError", "gzip_header_length", "inflate_from_checkpoint", "zlib"]
+__all__ = ["InflateError", "InflateInputEnded", "gzip_header_length", "inflate_from_checkpoint", "zlib"]

@@ -48,57 +48,61 @@ class ImageFS(pyfuse3.Operations):
     def __init__(self, image: AcceleratedImage, per_layer: bool = False) -> None:
         super().__init__()
         self.image = image
-        root = image.view.root if not per_layer else Node(Entry(name="", type="dir", mode=0o555), -1)
+        if per_layer:
+            root = Node(Entry(name="", type="dir", mode=0o555), -1)
+            self._views = [MergedView.overlay_layer(i, layer.index.entries) for i, layer in enumerate(image.layers)]
+            root.children = {str(i): view.root for i, view in enumerate(self._views)}
+        else:
+            root = image.view.root
+            self._views = []
+        # Inode numbers are given out as the kernel first meets a node (an image of 35000
+        # entries mounts without a walk of its tree); a hardlink shares its target's number.
         self._nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: root}
-        self._children: dict[int, dict[bytes, int]] = {pyfuse3.ROOT_INODE: {}}
-        self._nlink: dict[int, int] = {pyfuse3.ROOT_INODE: 2}
-        self._attrs: dict[int, pyfuse3.EntryAttributes] = {}
+        self._inos: dict[int, int] = {id(root): pyfuse3.ROOT_INODE}  # id(node) -> inode
         self._next_ino = pyfuse3.ROOT_INODE + 1
-        if not per_layer:
-            self._assign_inodes(image.view, "")
-            return
-        for i, layer in enumerate(image.layers):
-            view = MergedView.overlay_layer(i, layer.index.entries)
-            ino = self._new_inode()
-            self._place(str(i), view.root, ino, {"": pyfuse3.ROOT_INODE})
-            self._assign_inodes(view, str(i), ino)
+        self._listings: dict[int, list[tuple[bytes, Node]]] = {}
+        self._attrs: dict[int, pyfuse3.EntryAttributes] = {}
+        self._links: dict[int, int] = {}  # inode -> names beyond the first (hardlinks sharing it)
+        for n, layer in enumerate(image.layers):
+            for e in layer.index.entries:
+                if e.type == "hardlink" and (path := normalize_path(e.name)) is not None:
+                    node = self._view(n).find(path)
+                    if node is not None and node.entry is e:  # still visible in the tree
+                        ino = self._ino(node)
+                        if self._nodes[ino] is not node:
+                            self._links[ino] = self._links.get(ino, 0) + 1
 
-    def _new_inode(self) -> int:
-        self._next_ino += 1
-        return self._next_ino - 1
+    def _view(self, layer: int) -> MergedView:
+        """The tree a node of ``layer`` belongs to (hardlink targets are looked up there)."""
+        return self._views[layer] if self._views else self.image.view
 
-    def _assign_inodes(self, view: MergedView, prefix: str, top: int = pyfuse3.ROOT_INODE) -> None:
-        by_path: dict[str, int] = {"": top}
-        walk = view.walk()
-        links: list[tuple[str, Node]] = []
-        for path, node in walk:  # parents come before their children
-            if node.entry.type == "hardlink":
-                links.append((path, node))
-                continue
-            by_path[path] = self._new_inode()
-            self._place(path, node, by_path[path], by_path)
-        for path, node in links:
+    def _ino(self, node: Node, depth: int = 0) -> int:
+        """The inode number of ``node``, given out on first use."""
+        ino = self._inos.get(id(node))
+        if ino is not None:
+            return ino
+        if node.entry.type == "hardlink" and depth < 8:
             target = normalize_path(node.entry.linkname)
-            ino = by_path.get(target) if target is not None else None
-            shared = ino is not None and self._nodes[ino].layer == node.layer and self._nodes[ino].entry.type == "reg"
-            if not shared:
-                ino = self._new_inode()
-            assert ino is not None
-            by_path[path] = ino
-            self._place(path, node, ino, by_path)
+            found = self._view(node.layer).find(target) if target is not None else None
+            if found is not None and found is not node:
+                shared = self._ino(found, depth + 1)
+                if self._nodes[shared].layer == node.layer and self._nodes[shared].entry.type == "reg":
+                    self._inos[id(node)] = shared
+                    return shared
+        ino = self._next_ino
+        self._next_ino += 1
+        self._nodes[ino] = node
+        self._inos[id(node)] = ino
+        return ino
 
-    def _place(self, path: str, node: Node, ino: int, by_path: dict[str, int]) -> None:
-        parent, _, name = path.rpartition("/")
-        parent_ino = by_path[parent]
-        self._children[parent_ino][os.fsencode(name)] = ino
-        if ino not in self._nodes:
-            self._nodes[ino] = node
-            self._nlink[ino] = 0
-        self._nlink[ino] += 1
-        if node.entry.type == "dir":
-            self._children[ino] = {}
-            self._nlink[ino] += 1
-            self._nlink[parent_ino] += 1
+    def _listing(self, inode: int) -> list[tuple[bytes, Node]]:
+        listing = self._listings.get(inode)
+        if listing is None:
+            node = self._node(inode)
+            if node.entry.type != "dir":
+                raise pyfuse3.FUSEError(errno.ENOTDIR)
+            listing = self._listings[inode] = sorted((os.fsencode(k), v) for k, v in node.children.items())
+        return listing
 
     def _node(self, inode: int) -> Node:
         try:
@@ -118,7 +122,10 @@ class ImageFS(pyfuse3.Operations):
         attrs = pyfuse3.EntryAttributes()
         attrs.st_ino = inode
         attrs.st_mode = _TYPE_BITS[e.type] | (e.mode & 0o7777)
-        attrs.st_nlink = self._nlink.get(inode, 1)
+        if e.type == "dir":
+            attrs.st_nlink = 2 + sum(1 for c in node.children.values() if c.entry.type == "dir")
+        else:
+            attrs.st_nlink = 1 + self._links.get(inode, 0)
         attrs.st_uid, attrs.st_gid = e.uid, e.gid
         if e.type in ("reg", "hardlink"):
             attrs.st_size = self.image.view.data_entry(node).size
@@ -136,23 +143,23 @@ class ImageFS(pyfuse3.Operations):
         return attrs
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        children = self._children.get(parent_inode)
-        if children is None:
+        parent = self._node(parent_inode)
+        if parent.entry.type != "dir":
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        ino = children.get(name)
-        if ino is None:
+        child = parent.children.get(os.fsdecode(name))
+        if child is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return await self.getattr(ino)
+        return await self.getattr(self._ino(child))
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        if inode not in self._children:
+        if self._node(inode).entry.type != "dir":
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        entries = sorted(self._children[fh].items())
-        for i, (name, ino) in enumerate(entries[start_id:], start_id):
-            if not pyfuse3.readdir_reply(token, name, await self.getattr(ino), i + 1):
+        entries = self._listing(fh)
+        for i, (name, node) in enumerate(entries[start_id:], start_id):
+            if not pyfuse3.readdir_reply(token, name, await self.getattr(self._ino(node)), i + 1):
                 break
 
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -192,7 +199,7 @@ class ImageFS(pyfuse3.Operations):
         st = pyfuse3.StatvfsData()
         st.f_bsize = st.f_frsize = 4096
         st.f_blocks = sum(layer.index.uncompressed_size for layer in self.image.layers) // 4096
-        st.f_files = len(self._nodes)
+        st.f_files = sum(len(layer.index.entries) for layer in self.image.layers)
         st.f_namemax = 255
         return st
 

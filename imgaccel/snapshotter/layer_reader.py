@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from imgaccel.formats.layer_index import BLOCK_SIZE, LayerIndex
-from imgaccel.indexer.chunk_decoder import ChunkVerificationError, decode_chunk
+from imgaccel.indexer.chunk_decoder import ChunkInputEnded, ChunkVerificationError, decode_chunk
 from imgaccel.snapshotter.chunk_cache import ChunkCache
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,9 @@ MAX_RANGES = 128  # byte ranges in one multi-range request (keeps the Range head
 READAHEAD = 1 << 20  # uncompressed bytes fetched ahead of a sequential reader
 INLINE_DISK_READ = 256 << 10  # cached chunks up to this size are read (and re-hashed) on the event loop
 Run = list[int]  # chunk positions fetched as one byte range
+# gzip chunks (index mode) are fetched only as far as the blocks a read needs, estimated from the
+# chunk's compression ratio with this margin (a short estimate costs one more request).
+PREFIX_MARGIN, PREFIX_SLACK = 1.25, 32 << 10
 
 
 class RangeFetcher(Protocol):
@@ -119,6 +122,7 @@ class LayerReader:
         self.memory_cache = memory_cache  # bytes of decoded chunks kept in memory
         self._last_end = -1
         self.first_reads: dict[int, float] = {}  # chunk position -> when a foreground read first needed it
+        self.read_upto: dict[int, int] = {}  # chunk position -> uncompressed bytes of it foreground reads reached
         self.stats = ReadStats()
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._cached_bytes = 0
@@ -139,6 +143,8 @@ class LayerReader:
         for p in positions:
             c = self.index.chunks[p]
             lo, hi = max(offset - c.u_offset, 0), min(end - c.u_offset, c.u_size)
+            if hi > self.read_upto.get(p, 0):
+                self.read_upto[p] = hi
             if (data := self._cache.get(p)) is not None and len(data) >= hi:
                 self._cache.move_to_end(p)
                 parts[p] = data[lo:hi]
@@ -186,16 +192,20 @@ class LayerReader:
         max_request: int = MAX_REQUEST,
         gap: int | None = None,
         in_flight: asyncio.Semaphore | None = None,
+        upto: dict[int, int] | None = None,
     ) -> list[int]:
         """Background: make the chunks at ``positions`` cached (memory, and disk when there is
         a disk cache), with requests of at most ``max_request`` compressed bytes sent in the
         order given (``gap``: see ``_runs``; default ``self.gap``). ``in_flight`` bounds this
-        work's requests on top of the background slots. Returns the positions that could not
-        be fetched or verified (logged; a foreground read will report them)."""
-        todo = [p for p in dict.fromkeys(positions) if not self.is_cached(p)]
+        work's requests on top of the background slots; ``upto`` limits a chunk to its first
+        bytes (index mode fetches and decodes only the blocks covering them). Returns the
+        positions that could not be fetched or verified (logged; a foreground read will report
+        them)."""
+        upto = upto or {}
+        todo = [p for p in dict.fromkeys(positions) if not self.is_cached(p, upto.get(p))]
         runs = self._runs(todo, max_request, keep_order=True, gap=self.gap if gap is None else gap)
         results = await asyncio.gather(
-            *(self._background_request(r, in_flight) for r in self._requests(runs, max_request))
+            *(self._background_request(r, in_flight, upto) for r in self._requests(runs, max_request))
         )
         return [p for failed in results for p in failed]
 
@@ -231,14 +241,17 @@ class LayerReader:
         self._spawn(go())
         return futures
 
-    async def _background_request(self, request: list[Run], in_flight: asyncio.Semaphore | None) -> list[int]:
+    async def _background_request(
+        self, request: list[Run], in_flight: asyncio.Semaphore | None, upto: dict[int, int]
+    ) -> list[int]:
         async with in_flight or contextlib.nullcontext(), self.slots.slot(background=True):
             # Claimed only now: chunks a foreground read fetched meanwhile are skipped.
-            request = [r for r in ([p for p in run if p not in self._inflight and not self.is_cached(p)]
+            request = [r for r in ([p for p in run if p not in self._inflight and not self.is_cached(p, upto.get(p))]
                                    for run in request) if r]  # fmt: skip
             if not request:
                 return []
-            futures = self._start(request, {p: self.index.chunks[p].u_size for r in request for p in r}, True)
+            needed = {p: upto.get(p) or self.index.chunks[p].u_size for r in request for p in r}
+            futures = self._start(request, needed, True)
             await asyncio.wait(futures.values())
         return [p for p, f in futures.items() if f.cancelled() or f.exception() is not None]
 
@@ -248,10 +261,10 @@ class LayerReader:
         """One request (one byte range per run); settles every future (result or ChunkReadError)."""
         try:
             chunks = self.index.chunks
-            spans = [(chunks[run[0]].c_offset, max(self._c_end(p) for p in run)) for run in request]
+            spans = [(chunks[run[0]].c_offset, max(self._c_need(p, needed[p]) for p in run)) for run in request]
             datas = await self._fetch(spans)
             pieces = {
-                p: data[chunks[p].c_offset - start : self._c_end(p) - start]
+                p: data[chunks[p].c_offset - start : self._c_need(p, needed[p]) - start]
                 for run, (start, _), data in zip(request, spans, datas, strict=True)
                 for p in run
             }
@@ -260,6 +273,15 @@ class LayerReader:
             decoded = await asyncio.to_thread(self._decode_and_store, pieces, needed)
             for p in pieces:
                 result = decoded[p]
+                if isinstance(result, ChunkInputEnded) and len(pieces[p]) < chunks[p].c_size:
+                    try:  # the estimated prefix was short: fetch the rest of the chunk
+                        result, pieces[p] = await self._complete(p, pieces[p], needed[p])
+                        await self._to_disk(p, result)
+                    except ChunkVerificationError as e:
+                        result = e
+                    except ChunkReadError as e:
+                        futures[p].set_exception(e)
+                        continue
                 if isinstance(result, ChunkVerificationError):
                     try:
                         result, pieces[p] = await self._refetch(p, needed[p], result)
@@ -282,6 +304,22 @@ class LayerReader:
             for p, f in futures.items():
                 if self._inflight.get(p) is f:
                     del self._inflight[p]
+
+    def _c_need(self, p: int, needed: int) -> int:
+        """Where the compressed bytes to fetch for the first ``needed`` uncompressed bytes of
+        chunk ``p`` end: all of the chunk, but for a gzip chunk with block digests only an
+        estimate covering the whole blocks that hold them."""
+        c = self.index.chunks[p]
+        if self.index.encoding != "gzip" or not c.blocks or needed >= c.u_size or not c.u_size:
+            return c.c_offset + c.c_size
+        want = min(c.u_size, -(-needed // BLOCK_SIZE) * BLOCK_SIZE)
+        return c.c_offset + min(c.c_size, int(c.c_size * want / c.u_size * PREFIX_MARGIN) + PREFIX_SLACK)
+
+    async def _complete(self, p: int, prefix: bytes, needed: int) -> tuple[bytes, bytes]:
+        """Chunk ``p`` decoded from ``prefix`` (its first compressed bytes) and the rest of it."""
+        c = self.index.chunks[p]
+        piece = prefix + (await self._fetch([(c.c_offset + len(prefix), self._c_end(p))]))[0]
+        return await asyncio.to_thread(self._decode, p, piece, needed), piece
 
     async def _refetch(self, p: int, needed: int, first: ChunkVerificationError) -> tuple[bytes, bytes]:
         """A chunk failed verification: fetch it once more (a transient bad transfer)."""
@@ -392,8 +430,13 @@ class LayerReader:
             # needs) keeps its compressed bytes, so reading further into it costs no fetch.
             piece = self._compressed[p]
             try:
-                decoded = await asyncio.to_thread(self._decode, p, piece, needed)
-            except ChunkVerificationError:
+                try:
+                    decoded = await asyncio.to_thread(self._decode, p, piece, needed)
+                except ChunkInputEnded:
+                    if len(piece) >= self.index.chunks[p].c_size:
+                        raise
+                    decoded, piece = await self._complete(p, piece, needed)
+            except (ChunkVerificationError, ChunkReadError):
                 self._compressed.pop(p, None)
                 return None
             self._remember(p, decoded, piece)
@@ -404,14 +447,18 @@ class LayerReader:
             return data
         return None
 
-    def is_cached(self, p: int) -> bool:
-        """Whole chunk in memory or on disk (not re-verified here: reads verify)."""
+    def is_cached(self, p: int, upto: int | None = None) -> bool:
+        """Chunk (its first ``upto`` bytes, in whole blocks) in memory or on disk (not
+        re-verified here: reads verify)."""
         c = self.index.chunks[p]
-        if p in self._cache and len(self._cache[p]) == c.u_size:
+        need = c.u_size if upto is None else min(upto, c.u_size)
+        if p in self._cache and len(self._cache[p]) >= need:
             return True
         if self.disk_cache is None:
             return False
-        return all(self.disk_cache.contains(d) for d in (c.blocks or [c.digest]))
+        if not c.blocks:
+            return self.disk_cache.contains(c.digest)
+        return all(self.disk_cache.contains(d) for d in c.blocks[: max(1, -(-need // BLOCK_SIZE))])
 
     def _remember(self, p: int, decoded: bytes, compressed: bytes | None = None) -> None:
         if p in self._cache:

@@ -136,6 +136,10 @@ class MergedView:
             out = [marked if x is base_entry else x for x in out] if d in dirs else [*out, marked]
         return cls([[] for _ in range(i)] + [out])
 
+    def find(self, path: str) -> Node | None:
+        """The node at exactly ``path`` (normalized; no symlink followed), or None."""
+        return self._find(path)
+
     def _find(self, path: str) -> Node | None:
         node = self.root
         for part in path.split("/") if path else []:

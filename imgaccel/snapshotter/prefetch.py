@@ -34,6 +34,7 @@ async def replay_profile(image: AcceleratedImage, profile: Profile, in_flight: i
     entries, each sorted so neighbours share a request). Returns how many are now cached;
     stale entries (another image's chunks) and failures are skipped and logged."""
     valid: list[tuple[int, int]] = []
+    upto: list[dict[int, int]] = [{} for _ in image.layers]
     for item in profile.chunks:
         layer = image.layers[item.layer] if item.layer < len(image.layers) else None
         if (
@@ -44,6 +45,8 @@ async def replay_profile(image: AcceleratedImage, profile: Profile, in_flight: i
             log.warning("profile %s: chunk %d of layer %d is stale; skipped", profile.label, item.chunk, item.layer)
             continue
         valid.append((item.layer, item.chunk))
+        if item.upto is not None:
+            upto[item.layer][item.chunk] = item.upto
     work = []
     limit = asyncio.Semaphore(in_flight)
     start, window = 0, FIRST_WINDOW
@@ -53,7 +56,9 @@ async def replay_profile(image: AcceleratedImage, profile: Profile, in_flight: i
             by_layer.setdefault(n, []).append(p)
         # Adjacent chunks only: a profile is what a start-up reads, and anything between its
         # chunks would be fetched for nothing.
-        work += [image.layers[n].prefetch(sorted(ps), gap=0, in_flight=limit) for n, ps in by_layer.items()]
+        work += [
+            image.layers[n].prefetch(sorted(ps), gap=0, in_flight=limit, upto=upto[n]) for n, ps in by_layer.items()
+        ]
         start, window = start + window, min(window * 2, LAST_WINDOW)
     failed = sum(len(f) for f in await asyncio.gather(*work))
     if failed:

@@ -25,7 +25,13 @@ def build_profile(image: AcceleratedImage, label: str) -> Profile:
         for layer_no, layer in enumerate(image.layers)
         for pos, t in layer.first_reads.items()
     )  # fmt: skip
-    chunks = [ProfileChunk(layer=n, chunk=p, digest=image.layers[n].index.chunks[p].digest) for _, n, p in seen]
+    chunks = []
+    for _, n, p in seen:
+        layer = image.layers[n]
+        c = layer.index.chunks[p]
+        upto = layer.read_upto.get(p, c.u_size)
+        partial = bool(c.blocks) and 0 < upto < c.u_size
+        chunks.append(ProfileChunk(layer=n, chunk=p, digest=c.digest, upto=upto if partial else None))
     return Profile(label=label, image=image.top_digest, manifest=image.manifest_digest, chunks=chunks)
 
 
