@@ -236,3 +236,22 @@ def test_index_mode_prefetch_up_to_a_profile_limit(tmp_path: Path, tar: bytes) -
     before = ranges.calls
     assert asyncio.run(reader.read(100, 4000)) == tar[100:4100]
     assert ranges.calls == before  # served from what the prefetch decoded
+
+
+def test_profile_records_how_far_into_a_span_reads_went(tmp_path: Path, tar: bytes) -> None:
+    from imgaccel.formats.profile import Profile
+    from imgaccel.pusher.reference import parse_reference
+    from imgaccel.snapshotter.accelerated_image import AcceleratedImage
+    from imgaccel.snapshotter.merged_view import MergedView
+    from imgaccel.snapshotter.profiles import build_profile
+
+    _, reader = _index_reader(tmp_path, tar)
+    reader.readahead = 0
+    first, second = reader.index.chunks[0], reader.index.chunks[1]
+    image = AcceleratedImage(parse_reference("127.0.0.1:1/r:t"), "sha256:" + "0" * 64, "m", 0, "index",
+                             "sha256:" + "1" * 64, None, [reader], MergedView([reader.index.entries]))  # fmt: skip
+    asyncio.run(reader.read(second.u_offset + 10, 100))  # second chunk first, near its start
+    asyncio.run(reader.read(first.u_offset + 2_000_000, 5000))
+    profile = Profile.model_validate_json(build_profile(image, "startup").model_dump_json())
+    assert [(c.chunk, c.upto) for c in profile.chunks] == [(1, 110), (0, 2_005_000)]
+    assert profile.version == 2
