@@ -255,3 +255,24 @@ def test_profile_records_how_far_into_a_span_reads_went(tmp_path: Path, tar: byt
     profile = Profile.model_validate_json(build_profile(image, "startup").model_dump_json())
     assert [(c.chunk, c.upto) for c in profile.chunks] == [(1, 110), (0, 2_005_000)]
     assert profile.version == 2
+
+
+def test_partial_reads_of_a_verified_entry_hash_only_their_pieces(tmp_path: Path) -> None:
+    """Once an entry was read and hashed whole, reads of a few bytes of it read and hash only
+    the 64 KiB pieces holding them, and still never return damaged bytes."""
+    cache = ChunkCache(tmp_path / "c", memory=0)  # no memory tier: every read goes to the disk
+    data = real_bytes(1 << 20, "python")
+    digest = sha256(data)
+    cache.put(digest, data)
+    assert not cache.verified(digest)
+    assert cache.get_range(digest, 100, 200) == data[100:200]  # read and hashed whole
+    assert cache.verified(digest)
+    assert cache.get_range(digest, 700_000, 700_100) == data[700_000:700_100]
+    path = next(p for p in (tmp_path / "c" / "chunks").rglob("*") if p.is_file())
+    damaged = bytearray(path.read_bytes())
+    damaged[900_000] ^= 0xFF
+    path.write_bytes(bytes(damaged))
+    assert cache.get_range(digest, 100, 200) == data[100:200]  # another piece: still intact
+    assert cache.get_range(digest, 899_000, 899_100) is None  # same 64 KiB piece as the damage
+    assert not path.exists() and cache.stats.corrupt == 1
+    assert cache.get_range(digest, 100, 200) is None  # gone: the reader fetches it again

@@ -5,7 +5,10 @@ digest) or of a 1 MiB block of a chunk (index mode: keyed by the block digest), 
 data of different layers and images is stored once. Files are written to a temporary name and
 renamed into place, so several mounts and processes can share one cache; an entry is hashed
 again when it is read from disk and a damaged one is deleted and reported as a miss, never
-served; a small in-memory LRU keeps entries this process verified recently. The
+served; a small in-memory LRU keeps entries this process verified recently. For each entry it
+verified, the process also keeps the sha256 of every 64 KiB piece, so a later read of a few
+bytes of a large entry (a 1 MiB index-mode block) reads and hashes only the pieces holding
+them, checked against digests taken from bytes that matched the entry's own. The
 cache is bounded: when it grows past ``limit`` bytes the least recently used entries (by
 modification time, refreshed on every hit) are evicted under an exclusive lock.
 """
@@ -25,6 +28,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 DEFAULT_LIMIT = 10 << 30
+PIECE = 64 << 10  # granularity of partial reads of an entry (``get_range``)
+MAX_PIECE_LISTS = 1 << 16  # entries whose piece digests are kept (~1 KiB each for 1 MiB entries)
 
 
 @dataclass
@@ -51,6 +56,8 @@ class ChunkCache:
         (root / "chunks").mkdir(parents=True, exist_ok=True)
         self._lock_path = root / "lock"
         self._dirs: set[str] = set()  # entry directories known to exist
+        # digest -> sha256 of each PIECE of an entry this process verified (at most MAX_PIECE_LISTS)
+        self._pieces: OrderedDict[str, list[bytes]] = OrderedDict()
         self._serial = itertools.count()
         self._size = self._scan_size()
 
@@ -109,6 +116,58 @@ class ChunkCache:
         self.stats.hits += 1
         self.stats.bytes_served += len(data)
         return data
+
+    def get_range(self, digest: str, lo: int, hi: int) -> bytes | None:
+        """Bytes ``[lo, hi)`` of the entry for ``digest``, verified, or None (missing or
+        damaged: refetch). Reads only the 64 KiB pieces holding them once this process has
+        verified the whole entry."""
+        if (data := self.peek(digest)) is not None:
+            return data[lo:hi]
+        with self._memory_lock:
+            pieces = self._pieces.get(digest)
+        if pieces is None:
+            data = self.get(digest)  # read and hashed whole, once
+            if data is not None and len(data) > PIECE:
+                view = memoryview(data)
+                pieces = [hashlib.sha256(view[i : i + PIECE]).digest() for i in range(0, len(data), PIECE)]
+                with self._memory_lock:
+                    self._pieces[digest] = pieces
+                    if len(self._pieces) > MAX_PIECE_LISTS:
+                        self._pieces.popitem(last=False)
+            return None if data is None else data[lo:hi]
+        if hi <= lo:
+            return b""
+        first, last = lo // PIECE, (hi - 1) // PIECE
+        path = self._path(digest)
+        try:
+            with open(path, "rb") as f:
+                f.seek(first * PIECE)
+                raw = f.read((last - first + 1) * PIECE)
+        except FileNotFoundError:
+            with self._memory_lock:
+                self._pieces.pop(digest, None)
+            self.stats.misses += 1
+            return None
+        view = memoryview(raw)
+        for k in range(first, last + 1):
+            piece = view[(k - first) * PIECE : (k - first + 1) * PIECE]
+            if k >= len(pieces) or hashlib.sha256(piece).digest() != pieces[k]:
+                self.stats.corrupt += 1
+                log.warning("chunk cache: %s is damaged; dropping it and fetching again", path)
+                with self._memory_lock:
+                    self._pieces.pop(digest, None)
+                path.unlink(missing_ok=True)
+                return None
+        with contextlib.suppress(OSError):
+            os.utime(path)  # least recently *used*
+        self.stats.hits += 1
+        self.stats.bytes_served += hi - lo
+        return raw[lo - first * PIECE : hi - first * PIECE]
+
+    def verified(self, digest: str) -> bool:
+        """Whether this process verified the entry, so ``get_range`` reads only pieces of it."""
+        with self._memory_lock:
+            return digest in self._memory or digest in self._pieces
 
     def contains(self, digest: str) -> bool:
         """Whether an entry exists (not verified: ``get`` verifies)."""

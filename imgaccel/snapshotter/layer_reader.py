@@ -24,7 +24,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from imgaccel.formats.layer_index import BLOCK_SIZE, LayerIndex
 from imgaccel.indexer.chunk_decoder import ChunkInputEnded, ChunkVerificationError, decode_chunk
@@ -36,6 +36,7 @@ MAX_RANGES = 128  # byte ranges in one multi-range request (keeps the Range head
 READAHEAD = 1 << 20  # uncompressed bytes fetched ahead of a sequential reader
 INLINE_DISK_READ = 256 << 10  # cached chunks up to this size are read (and re-hashed) on the event loop
 Run = list[int]  # chunk positions fetched as one byte range
+T = TypeVar("T")
 # gzip chunks (index mode) are fetched only as far as the blocks a read needs, estimated from the
 # chunk's compression ratio with this margin (a short estimate costs one more request).
 PREFIX_MARGIN, PREFIX_SLACK = 1.25, 32 << 10
@@ -85,6 +86,23 @@ class FetchSlots:
         else:
             async with self._all:
                 yield
+
+
+def pack_consecutive(items: Iterable[T], size: Callable[[T], int], limit: int = 0, max_count: int = 0) -> list[list[T]]:
+    """Consecutive items grouped so that each group's sizes add up to at most ``limit`` and it
+    holds at most ``max_count`` items (0: no bound); an item bigger than ``limit`` is a group
+    of its own."""
+    out: list[list[T]] = []
+    total = 0
+    for item in items:
+        n = size(item)
+        if out and (not max_count or len(out[-1]) < max_count) and (not limit or total + n <= limit):
+            out[-1].append(item)
+            total += n
+        else:
+            out.append([item])
+            total = n
+    return out
 
 
 def _retrieve(fut: asyncio.Future[bytes]) -> None:
@@ -362,17 +380,9 @@ class LayerReader:
         registry cannot answer multi-range requests."""
         if self.fetcher.multi_range_unsupported:
             return [[run] for run in runs]
-        out: list[list[Run]] = []
-        size = 0
-        for run in runs:
-            n = self._c_end(run[-1]) - self.index.chunks[run[0]].c_offset
-            if out and len(out[-1]) < MAX_RANGES and (not max_request or size + n <= max_request):
-                out[-1].append(run)
-                size += n
-            else:
-                out.append([run])
-                size = n
-        return out
+        return pack_consecutive(
+            runs, lambda run: self._c_end(run[-1]) - self.index.chunks[run[0]].c_offset, max_request, MAX_RANGES
+        )
 
     def _c_end(self, p: int) -> int:
         c = self.index.chunks[p]
@@ -478,15 +488,20 @@ class LayerReader:
         """Bytes ``lo:hi`` of chunk ``p`` from its cached 1 MiB blocks, or None."""
         if self.disk_cache is None or hi <= lo:
             return None
-        blocks = self.index.chunks[p].blocks[lo // BLOCK_SIZE : (hi - 1) // BLOCK_SIZE + 1]
-        cache = self.disk_cache
-        found = [cache.peek(d) for d in blocks]
-        if any(b is None for b in found):
-            found = await asyncio.to_thread(lambda: [cache.get(d) for d in blocks])
+        cache, blocks = self.disk_cache, self.index.chunks[p].blocks
+        spans = [
+            (blocks[k], max(lo - k * BLOCK_SIZE, 0), min(hi - k * BLOCK_SIZE, BLOCK_SIZE))
+            for k in range(lo // BLOCK_SIZE, (hi - 1) // BLOCK_SIZE + 1)
+        ]
+        # Pieces of blocks this process verified are cheap (a few 64 KiB reads and hashes): read
+        # them on the event loop; a block read and hashed whole goes to a worker thread.
+        if hi - lo > INLINE_DISK_READ or not all(cache.verified(d) for d, _, _ in spans):
+            found = await asyncio.to_thread(lambda: [cache.get_range(d, a, b) for d, a, b in spans])
+        else:
+            found = [cache.get_range(d, a, b) for d, a, b in spans]
         if any(b is None for b in found):
             return None
-        base = lo // BLOCK_SIZE * BLOCK_SIZE
-        return b"".join(b for b in found if b is not None)[lo - base : hi - base]
+        return b"".join(b for b in found if b is not None)
 
     async def _from_disk(self, p: int, needed: int) -> bytes | None:
         """The chunk (or its first ``needed`` bytes, whole blocks) from the disk cache."""

@@ -15,6 +15,7 @@ import time
 
 from imgaccel.formats.profile import Profile
 from imgaccel.snapshotter.accelerated_image import AcceleratedImage
+from imgaccel.snapshotter.layer_reader import pack_consecutive
 
 log = logging.getLogger(__name__)
 # The profile is replayed in windows of entries, each sorted by offset so neighbours share a
@@ -66,21 +67,6 @@ async def replay_profile(image: AcceleratedImage, profile: Profile, in_flight: i
     return len(valid) - failed
 
 
-def _batches(sizes: dict[int, int], limit: int) -> list[list[int]]:
-    """Consecutive positions grouped so each group's sizes add up to at most ``limit``
-    (a single bigger chunk is a group of its own)."""
-    out: list[list[int]] = []
-    total = 0
-    for p, size in sizes.items():
-        if out and total + size <= limit:
-            out[-1].append(p)
-            total += size
-        else:
-            out.append([p])
-            total = size
-    return out
-
-
 async def fetch_rest(image: AcceleratedImage, rate: float) -> int:
     """Fetch every chunk not yet cached, layer by layer in blob order, at most ``rate``
     compressed bytes per second on average. Returns the compressed bytes requested."""
@@ -88,7 +74,7 @@ async def fetch_rest(image: AcceleratedImage, rate: float) -> int:
     for layer in image.layers:
         chunks = layer.index.chunks
         todo = {p: chunks[p].c_size for p in range(len(chunks)) if not layer.is_cached(p)}
-        for batch in _batches(todo, BACKGROUND_BATCH):
+        for batch in pack_consecutive(todo, todo.__getitem__, BACKGROUND_BATCH):
             await layer.prefetch(batch, BACKGROUND_BATCH)
             sent += sum(todo[p] for p in batch)
             ahead = sent / rate - (time.monotonic() - started)
