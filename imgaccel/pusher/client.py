@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.message
 import email.utils
 import hashlib
 import json
@@ -674,6 +675,48 @@ async def _read_limited(resp: aiohttp.ClientResponse, limit: int) -> bytes:
     return b"".join(parts)
 
 
+async def _read_multipart_byteranges(
+    resp: aiohttp.ClientResponse, want: int, asked: int
+) -> list[tuple[int, int, bytes]]:
+    """The parts of a ``multipart/byteranges`` body (RFC 9110, section 14.6) as (first, end,
+    bytes). Each part's Content-Range gives its exact length, so its bytes are read by count,
+    without scanning them for the boundary (aiohttp's MultipartReader reads ahead and pushes
+    back up to 1 MiB per part: 0.75 s of the event loop for a 33 MB profile replay)."""
+    message = email.message.Message()
+    message["Content-Type"] = resp.headers.get("Content-Type", "")
+    boundary = message.get_param("boundary")
+    if not isinstance(boundary, str) or not boundary:
+        raise ValueError("a multipart answer without a boundary")
+    delimiter = b"--" + boundary.encode()
+    stream = resp.content
+    got: list[tuple[int, int, bytes]] = []
+    total = 0
+    while True:
+        line = await stream.readline()
+        skipped = 0
+        while line.rstrip() not in (delimiter, delimiter + b"--"):  # a preamble, the CRLF before a delimiter
+            skipped += 1
+            if not line or skipped > 64:
+                raise ValueError("a multipart answer that ends before its closing delimiter")
+            line = await stream.readline()
+        if line.rstrip() == delimiter + b"--":
+            return got
+        span = None
+        for _ in range(64):
+            header = await stream.readline()
+            if header in (b"\r\n", b"\n", b""):
+                break
+            name, _, value = header.decode("latin-1").partition(":")
+            if name.strip().lower() == "content-range":
+                span = _content_range(value.strip())
+        if span is None:
+            raise ValueError("a part without a valid Content-Range")
+        total += span[1] - span[0]
+        if total > want or len(got) >= asked:
+            raise ValueError(f"parts larger than the {asked} ranges asked for")
+        got.append((span[0], span[1], await stream.readexactly(span[1] - span[0])))
+
+
 def _content_range(value: str | None) -> tuple[int, int] | None:
     """``bytes FIRST-LAST/SIZE`` -> ``(FIRST, LAST + 1)``."""
     unit, _, spec = (value or "").partition(" ")
@@ -695,23 +738,7 @@ async def _read_byteranges(resp: aiohttp.ClientResponse, ranges: Sequence[tuple[
     lowest, highest = min(start for start, _ in ranges), max(end for _, end in ranges)
     got: list[tuple[int, int, bytes]] = []
     if resp.content_type == "multipart/byteranges":
-        reader = aiohttp.MultipartReader(resp.headers, resp.content)
-        total = 0
-        while (part := await reader.next()) is not None:
-            span = _content_range(part.headers.get("Content-Range"))
-            if span is None or not isinstance(part, aiohttp.BodyPartReader):
-                raise ValueError("a part without a valid Content-Range")
-            total += span[1] - span[0]
-            if total > want:
-                raise ValueError(f"parts larger than the {len(ranges)} ranges asked for")
-            buf = bytearray()
-            while block := await part.read_chunk(1 << 20):
-                buf += block
-                if len(buf) > span[1] - span[0]:
-                    break
-            if len(buf) != span[1] - span[0]:
-                raise ValueError(f"part {span[0]}-{span[1] - 1} of the wrong length")
-            got.append((span[0], span[1], bytes(buf)))
+        got = await _read_multipart_byteranges(resp, want, len(ranges))
     else:  # one part: acceptable only if it is exactly the span from the lowest range to the highest
         span = _content_range(resp.headers.get("Content-Range"))
         if span != (lowest, highest):
