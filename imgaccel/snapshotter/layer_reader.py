@@ -3,8 +3,9 @@
 A read maps to the chunks covering it. Chunks that are not cached are grouped into runs
 (adjacent chunks, and chunks at most ``gap`` bytes apart, share one byte range), and the runs
 of one read, or of one batch of background work, into one request: a multi-range GET where the
-registry supports it (``RangeFetcher.fetch_ranges``). Each chunk is decoded and verified
-(``indexer.chunk_decoder``) before any byte of it is returned.
+registry supports it (``RangeFetcher.fetch_ranges``). A gzip span (index mode) is fetched only
+as far as the 1 MiB blocks a read needs, and topped up when that estimate falls short. Each
+chunk is decoded and verified (``indexer.chunk_decoder``) before any byte of it is returned.
 Fetches run as tasks with one future per chunk, so concurrent reads of the same chunk share
 one request and reads of different chunks proceed in parallel, bounded by ``FetchSlots``.
 Background work (readahead, profile replay, background fetch) uses ``prefetch``: it claims
