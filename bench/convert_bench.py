@@ -137,6 +137,9 @@ def main() -> None:
     ap.add_argument("--size", default="1GiB", help="uncompressed file data to pack (default 1GiB)")
     ap.add_argument("--reads", type=int, default=200)
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--span", default=None, help="index mode: distance between checkpoints (default: convert's)")
+    ap.add_argument("--frame-size", default=None, help="full mode: frame size for small files (default: convert's)")
+    ap.add_argument("--level", default=None, help="full mode: zstd level (default: convert's)")
     args = ap.parse_args()
     from imgaccel.cli.common import parse_size
 
@@ -168,8 +171,13 @@ def main() -> None:
         zstd_size = (work / "baseline.zst").stat().st_size
         (work / "baseline.zst").unlink()
 
-        t_index, rss_index, _ = run_cli("convert", src, "--mode", "index", "--no-cache", "--workdir", str(work))
-        t_full, rss_full, _ = run_cli("convert", src, "--mode", "full", "--no-cache", "--workdir", str(work))
+        span = ["--span", args.span] if args.span else []
+        t_index, rss_index, _ = run_cli("convert", src, "--mode", "index", "--no-cache", "--workdir", str(work), *span)
+        full_opts = [*(["--frame-size", args.frame_size] if args.frame_size else []),
+                     *(["--level", args.level] if args.level else [])]  # fmt: skip
+        t_full, rss_full, _ = run_cli(
+            "convert", src, "--mode", "full", "--no-cache", "--workdir", str(work), *full_opts
+        )
 
         async def sizes() -> tuple[int, int]:
             ref = parse_reference(src + "_accelerated")
