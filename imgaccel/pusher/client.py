@@ -736,7 +736,6 @@ async def _read_byteranges(resp: aiohttp.ClientResponse, ranges: Sequence[tuple[
         raise ValueError(f"status {resp.status} (the whole blob)")
     want = sum(end - start for start, end in ranges)
     lowest, highest = min(start for start, _ in ranges), max(end for _, end in ranges)
-    got: list[tuple[int, int, bytes]] = []
     if resp.content_type == "multipart/byteranges":
         got = await _read_multipart_byteranges(resp, want, len(ranges))
     else:  # one part: acceptable only if it is exactly the span from the lowest range to the highest
@@ -746,7 +745,7 @@ async def _read_byteranges(resp: aiohttp.ClientResponse, ranges: Sequence[tuple[
         data = await _read_limited(resp, highest - lowest)
         if len(data) != highest - lowest:
             raise ValueError(f"a part of {len(data)} bytes, not {highest - lowest}")
-        got.append((lowest, highest, data))
+        got = [(lowest, highest, data)]
     out = []
     for start, end in ranges:
         piece = next((d[start - lo : end - lo] for lo, hi, d in got if lo <= start and end <= hi), None)

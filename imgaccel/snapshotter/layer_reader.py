@@ -280,10 +280,11 @@ class LayerReader:
         """One request (one byte range per run); settles every future (result or ChunkReadError)."""
         try:
             chunks = self.index.chunks
-            spans = [(chunks[run[0]].c_offset, max(self._c_need(p, needed[p]) for p in run)) for run in request]
+            ends = {p: self._c_need(p, needed[p]) for run in request for p in run}
+            spans = [(chunks[run[0]].c_offset, max(ends[p] for p in run)) for run in request]
             datas = await self._fetch(spans)
             pieces = {
-                p: data[chunks[p].c_offset - start : self._c_need(p, needed[p]) - start]
+                p: data[chunks[p].c_offset - start : ends[p] - start]
                 for run, (start, _), data in zip(request, spans, datas, strict=True)
                 for p in run
             }
@@ -292,21 +293,18 @@ class LayerReader:
             decoded = await asyncio.to_thread(self._decode_and_store, pieces, needed)
             for p in pieces:
                 result = decoded[p]
-                if isinstance(result, ChunkInputEnded) and len(pieces[p]) < chunks[p].c_size:
-                    try:  # the estimated prefix was short: fetch the rest of the chunk
-                        result, pieces[p] = await self._complete(p, pieces[p], needed[p])
-                        await self._to_disk(p, result)
-                    except ChunkVerificationError as e:
-                        result = e
-                    except ChunkReadError as e:
-                        futures[p].set_exception(e)
-                        continue
-                if isinstance(result, ChunkVerificationError):
-                    try:
+                try:
+                    if isinstance(result, ChunkInputEnded) and len(pieces[p]) < chunks[p].c_size:
+                        try:  # the estimated prefix was short: fetch the rest of the chunk
+                            result, pieces[p] = await self._complete(p, pieces[p], needed[p])
+                        except ChunkVerificationError as e:
+                            result = e
+                    if isinstance(result, ChunkVerificationError):
                         result, pieces[p] = await self._refetch(p, needed[p], result)
-                    except ChunkReadError as e:
-                        futures[p].set_exception(e)
-                        continue
+                except ChunkReadError as e:
+                    futures[p].set_exception(e)
+                    continue
+                if result is not decoded[p]:  # decoded here, not stored by the worker yet
                     await self._to_disk(p, result)
                 self._remember(p, result, pieces[p])
                 futures[p].set_result(result)
