@@ -25,6 +25,7 @@ import zstandard
 
 from imgaccel.formats import toc
 from imgaccel.formats.layer_index import Chunk, Encoding, Entry, LayerIndex, encode_index_json
+from imgaccel.indexer.limits import DEFAULT_TAR_LIMITS, TarLimits
 from imgaccel.indexer.pending_bytes import PendingBytes
 from imgaccel.indexer.tar_walker import DigestSink, walk_tar
 from imgaccel.indexer.uncompressed_stream import open_uncompressed
@@ -113,7 +114,9 @@ class _FrameCutter(DigestSink):
         self._chunk = chunk_size
         self._pending = PendingBytes()  # starts at the open frame
         self._last_cut = 0  # latest allowed cut point at or before the received data
-        self._cuts: deque[int] = deque()  # announced cut points not yet reached
+        # Announced cut points not yet reached, as ranges: a file's chunk boundaries are
+        # produced as the stream reaches them, never listed up front.
+        self._cuts: deque[range] = deque()
 
     def write(self, data: bytes, offset: int) -> None:
         super().write(data, offset)
@@ -122,14 +125,21 @@ class _FrameCutter(DigestSink):
 
     def entry(self, entry: Entry, header_offset: int) -> None:
         super().entry(entry, header_offset)
-        self._cuts.append(header_offset)
+        self._cuts.append(range(header_offset, header_offset + 1))
         if entry.type == "reg" and entry.size > self._chunk:
-            self._cuts.extend(range(entry.offset + self._chunk, entry.offset + entry.size, self._chunk))
+            self._cuts.append(range(entry.offset + self._chunk, entry.offset + entry.size, self._chunk))
         self._advance()
 
     def _advance(self) -> None:
-        while self._cuts and self._cuts[0] <= self._pending.end:
-            c = self._cuts.popleft()
+        while self._cuts:
+            cuts = self._cuts[0]
+            if not cuts:
+                self._cuts.popleft()
+                continue
+            c = cuts[0]
+            if c > self._pending.end:
+                break
+            self._cuts[0] = cuts[1:]
             if c - self._pending.start > self._frame and self._last_cut > self._pending.start:
                 self._emit(self._last_cut)
             self._last_cut = c
@@ -140,7 +150,7 @@ class _FrameCutter(DigestSink):
             self._writer.submit(start, self._pending.take(upto))
 
     def finish(self, total: int) -> None:
-        self._cuts.append(total)
+        self._cuts.append(range(total, total + 1))
         self._advance()
         self._emit(total)
 
@@ -155,6 +165,7 @@ def encode_full_layer(
     threads: int | None = None,
     on_output: OutputFn | None = None,
     frame_size: int = 128 << 10,
+    limits: TarLimits = DEFAULT_TAR_LIMITS,
 ) -> FullLayer:
     """Re-encode the blob at ``src_path`` into ``out_path``; returns its index and TOC location.
 
@@ -169,7 +180,8 @@ def encode_full_layer(
         cutter = _FrameCutter(writer, min(frame_size, chunk_size), chunk_size)
         stream = open_uncompressed(src_path, src_encoding)
         try:
-            total = walk_tar(stream, cutter)
+            max_bytes = limits.max_stream_bytes(os.path.getsize(src_path), src_encoding != "tar")
+            total = walk_tar(stream, cutter, limits, max_bytes)
             cutter.finish(total)
         finally:
             stream.close()

@@ -5,7 +5,9 @@ data, padding, and the end-of-archive trailer) to a ``StreamSink``; ``tarfile`` 
 headers and seeks over the data. Every entry goes to the same sink, as a
 ``formats.layer_index.Entry`` with the offset of its data in the stream. Names are recorded
 as the archive states them; hostile names are data here and are neutralized by the reader,
-which never resolves outside the image.
+which never resolves outside the image. Header fields are checked against ``TarLimits``
+before tarfile acts on them: a negative size would make it seek backwards forever, a huge
+one or a huge extended header would make callers allocate for it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Protocol
 
 from imgaccel.formats.layer_index import Entry, EntryType
 from imgaccel.indexer.errors import LayerError
+from imgaccel.indexer.limits import DEFAULT_TAR_LIMITS, TarLimits
 from imgaccel.indexer.uncompressed_stream import UncompressedStream
 
 READ_SIZE = 4 << 20
@@ -52,9 +55,10 @@ class _ForwardReader:
     truncated member.
     """
 
-    def __init__(self, stream: UncompressedStream, sink: StreamSink) -> None:
+    def __init__(self, stream: UncompressedStream, sink: StreamSink, max_header_bytes: int) -> None:
         self._stream = stream
         self._sink = sink
+        self._max_read = max_header_bytes + tarfile.BLOCKSIZE
         self._blocks: deque[tuple[int, bytes]] = deque(maxlen=2)
         self._pos = 0
         self.end = 0  # stream bytes pulled so far
@@ -82,6 +86,17 @@ class _ForwardReader:
         return pos
 
     def read(self, n: int = -1) -> bytes:
+        """What tarfile asks for: a header block, or a whole PAX / GNU long-name record."""
+        if n < 0:
+            raise LayerError(f"tar header before offset {self._pos} declares a negative size")
+        if n > self._max_read:
+            raise LayerError(
+                f"tar header before offset {self._pos} has a {n}-byte extended header (PAX or GNU long name), "
+                f"over the limit max_header_bytes={self._max_read - tarfile.BLOCKSIZE}"
+            )
+        return self._read(n)
+
+    def _read(self, n: int) -> bytes:
         out: list[bytes] = []
         while n != 0:
             while self._pos >= self.end:
@@ -104,7 +119,7 @@ class _ForwardReader:
         self.seek(max(offset, self._blocks[0][0] if self._blocks else 0))
         while True:
             pos = self._pos
-            data = self.read(READ_SIZE)
+            data = self._read(READ_SIZE)
             if not data:
                 return None
             stripped = data.lstrip(b"\0")
@@ -113,6 +128,8 @@ class _ForwardReader:
 
 
 def to_entry(ti: tarfile.TarInfo) -> Entry:
+    if "\0" in ti.name or "\0" in ti.linkname:
+        raise LayerError(f"tar entry {ti.name!r} has a NUL byte in its name or link target")
     etype = _TYPES.get(ti.type)
     if etype is None:
         if ti.type == tarfile.GNUTYPE_SPARSE or ti.issparse():
@@ -121,6 +138,8 @@ def to_entry(ti: tarfile.TarInfo) -> Entry:
     xattrs = {}
     for key, value in ti.pax_headers.items():
         if key.startswith("SCHILY.xattr."):
+            if "\0" in key or not key.isprintable():
+                raise LayerError(f"tar entry {ti.name!r} has an xattr whose name is not printable: {key!r}")
             raw = value.encode("utf-8", "surrogateescape")
             xattrs[key[len("SCHILY.xattr.") :]] = base64.b64encode(raw).decode()
     reg = etype == "reg"
@@ -142,21 +161,38 @@ def to_entry(ti: tarfile.TarInfo) -> Entry:
     )
 
 
-def walk_tar(stream: UncompressedStream, sink: StreamSink) -> int:
-    """Read the whole stream; returns its length. Raises ``LayerError`` on a bad archive."""
-    reader = _ForwardReader(stream, sink)
+def walk_tar(
+    stream: UncompressedStream,
+    sink: StreamSink,
+    limits: TarLimits = DEFAULT_TAR_LIMITS,
+    max_stream_bytes: int | None = None,
+) -> int:
+    """Read the whole stream; returns its length. Raises ``LayerError`` on a bad archive.
+
+    ``max_stream_bytes`` bounds what one entry may declare (``TarLimits.max_stream_bytes``).
+    """
+    reader = _ForwardReader(stream, sink, limits.max_header_bytes)
     try:
-        tf = tarfile.open(fileobj=reader, mode="r:")  # type: ignore[call-overload]  # noqa: SIM115
+        tf = tarfile.open(  # type: ignore[call-overload]  # noqa: SIM115
+            fileobj=reader, mode="r:", encoding="utf-8", errors="surrogateescape"
+        )
     except (tarfile.TarError, OSError) as e:
         raise LayerError(f"not a tar archive: {e}") from e
     last_end = 0
     last: Entry | None = None
+    count = 0
     try:
+        # tarfile has already read the first header; each one is checked before the next
+        # call to ``next`` lets tarfile seek by its size.
         while True:
             ti = tf.next()
             if ti is None:
                 break
             tf.members.clear()  # TarFile keeps every TarInfo otherwise
+            _check_header(ti, limits, max_stream_bytes)
+            count += 1
+            if count > limits.max_entries:
+                raise LayerError(f"tar entry {ti.name!r}: the layer has more than max_entries={limits.max_entries}")
             entry = to_entry(ti)
             if entry.type == "reg":
                 last_end = max(last_end, entry.offset + entry.size)
@@ -172,6 +208,16 @@ def walk_tar(stream: UncompressedStream, sink: StreamSink) -> int:
     if last is not None and last_end > reader.end:
         raise LayerError(_past_end(last, reader.end))
     return reader.end
+
+
+def _check_header(ti: tarfile.TarInfo, limits: TarLimits, max_stream_bytes: int | None) -> None:
+    if ti.size < 0:
+        raise LayerError(f"tar entry {ti.name!r} at offset {ti.offset} declares a negative size ({ti.size})")
+    if max_stream_bytes is not None and ti.offset_data + ti.size > max_stream_bytes:
+        raise LayerError(
+            f"tar entry {ti.name!r} declares {ti.size} bytes at offset {ti.offset_data}, past the end of the stream, "
+            f"which can hold at most {max_stream_bytes} bytes (limit max_expansion={limits.max_expansion})"
+        )
 
 
 def _past_end(entry: Entry, stream_end: int) -> str:
