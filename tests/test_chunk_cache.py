@@ -52,7 +52,7 @@ def readers(tmp_path: Path, tar: bytes, mode: str, cache: ChunkCache) -> tuple[R
     if mode == "index":
         blob = tmp_path / "layer.gz"
         blob.write_bytes(gzip.compress(tar))
-        built = build_seekable_index(str(blob), "gzip", sha256(blob.read_bytes()), sha256(tar), 1 << 20)
+        built = build_seekable_index(str(blob), "gzip", sha256(blob.read_bytes()), 1 << 20)
         ranges = Ranges(blob)
         return ranges, LayerReader(ranges, "r", "d", built.index, built.windows, disk_cache=cache)
     src = tmp_path / "layer.tar"
@@ -194,7 +194,7 @@ def test_foreground_read_does_not_queue_behind_background_prefetch(tmp_path: Pat
 def _index_reader(tmp_path: Path, tar: bytes) -> tuple[Ranges, LayerReader]:
     blob = tmp_path / "layer4m.gz"
     blob.write_bytes(gzip.compress(tar))
-    built = build_seekable_index(str(blob), "gzip", sha256(blob.read_bytes()), sha256(tar), 4 << 20)
+    built = build_seekable_index(str(blob), "gzip", sha256(blob.read_bytes()), 4 << 20)
     ranges = Ranges(blob)
     return ranges, LayerReader(ranges, "r", "d", built.index, built.windows)
 

@@ -76,9 +76,10 @@ def test_every_chunk_and_prefix_verifies(tmp_path: Path, layer_tar: bytes, kind:
     data = encodings(layer_tar)[kind]
     encoding = kind.split("-")[0]
     path = blob(tmp_path, kind, data)
-    built = build_seekable_index(str(path), encoding, sha256(data), sha256(layer_tar), SPAN)  # type: ignore[arg-type]
+    built = build_seekable_index(str(path), encoding, sha256(data), SPAN)  # type: ignore[arg-type]
     index = built.index
     assert index.uncompressed_size == len(layer_tar)
+    assert index.diff_id == sha256(layer_tar)  # computed from the stream, not taken on trust
     assert len(index.chunks) > 3
     for c in index.chunks:
         piece = data[c.c_offset : c.c_offset + c.c_size]
@@ -101,7 +102,7 @@ def test_every_chunk_and_prefix_verifies(tmp_path: Path, layer_tar: bytes, kind:
 
 def test_gzip_span_is_respected(tmp_path: Path, layer_tar: bytes) -> None:
     data = gzip_cli(layer_tar)
-    built = build_seekable_index(str(blob(tmp_path, "g", data)), "gzip", sha256(data), sha256(layer_tar), 2 << 20)
+    built = build_seekable_index(str(blob(tmp_path, "g", data)), "gzip", sha256(data), 2 << 20)
     sizes = [c.u_size for c in built.index.chunks]
     assert all(s >= 2 << 20 for s in sizes[:-1])
     assert len(built.windows) == len([c for c in built.index.chunks if c.window >= 0])
@@ -109,7 +110,7 @@ def test_gzip_span_is_respected(tmp_path: Path, layer_tar: bytes) -> None:
 
 def test_corrupt_chunk_never_verifies(tmp_path: Path, layer_tar: bytes) -> None:
     data = gzip_cli(layer_tar)
-    built = build_seekable_index(str(blob(tmp_path, "g", data)), "gzip", sha256(data), sha256(layer_tar), SPAN)
+    built = build_seekable_index(str(blob(tmp_path, "g", data)), "gzip", sha256(data), SPAN)
     c = built.index.chunks[2]
     piece = bytearray(data[c.c_offset : c.c_offset + c.c_size])
     piece[len(piece) // 2] ^= 0x01
@@ -120,7 +121,7 @@ def test_corrupt_chunk_never_verifies(tmp_path: Path, layer_tar: bytes) -> None:
 def test_single_frame_zstd_is_not_seekable(tmp_path: Path, layer_tar: bytes) -> None:
     data = zstandard.ZstdCompressor().compress(layer_tar)
     with pytest.raises(NotSeekableError, match="many small frames"):
-        build_seekable_index(str(blob(tmp_path, "z", data)), "zstd", sha256(data), sha256(layer_tar), SPAN)
+        build_seekable_index(str(blob(tmp_path, "z", data)), "zstd", sha256(data), SPAN)
 
 
 @pytest.mark.parametrize("compression", ["zstd", "lz4"])
@@ -174,13 +175,13 @@ def test_hostile_tars_fail_with_a_cause(tmp_path: Path) -> None:
         encode_full_layer(str(blob(tmp_path, "cut", cut)), "tar", str(tmp_path / "o"))
     bad = gzip.compress(whole)[:-20]
     with pytest.raises(LayerError, match="truncated"):
-        build_seekable_index(str(blob(tmp_path, "bad.gz", bad)), "gzip", sha256(bad), sha256(whole))
+        build_seekable_index(str(blob(tmp_path, "bad.gz", bad)), "gzip", sha256(bad))
     with pytest.raises(LayerError, match="truncated"):
         encode_full_layer(str(blob(tmp_path, "bad2.gz", bad)), "gzip", str(tmp_path / "o2"))
 
 
 def test_index_blob_rejects_damage(layer_tar: bytes, tmp_path: Path) -> None:
-    built = build_seekable_index(str(blob(tmp_path, "t", layer_tar)), "tar", "sha256:" + "0" * 64, sha256(layer_tar))
+    built = build_seekable_index(str(blob(tmp_path, "t", layer_tar)), "tar", "sha256:" + "0" * 64)
     good = li.encode_index_blob(built.index, built.windows)
     with pytest.raises(li.IndexFormatError, match="magic"):
         li.decode_index_blob(b"X" + good[1:])

@@ -24,7 +24,9 @@ layout is specified in docs/FORMAT.md; this module is its executable form.
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import struct
 from bisect import bisect_right
 from dataclasses import dataclass, field
@@ -32,6 +34,7 @@ from typing import Annotated, Literal
 
 import zstandard
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic_core import PydanticSerializationError
 
 FORMAT_VERSION = 1
 
@@ -46,6 +49,7 @@ ANN_SOURCE_REF = "io.imgaccel.source.reference"
 ANN_MODE = "io.imgaccel.mode"
 ANN_FORMAT_VERSION = "io.imgaccel.format.version"
 ANN_LAYER_DIGEST = "io.imgaccel.layer.digest"  # index blob -> the source layer it indexes
+ANN_LAYER_DIFF_ID = "io.imgaccel.layer.diff_id"  # sha256 of the layer's uncompressed tar, as verified
 ANN_TOC_OFFSET = "io.imgaccel.toc.offset"  # full mode: where the TOC skippable frame starts
 ANN_TOC_SIZE = "io.imgaccel.toc.size"  # full mode: its length, 8-byte header included
 ANN_TOC_DIGEST = "io.imgaccel.toc.digest"  # full mode: sha256 of those bytes
@@ -70,6 +74,9 @@ class Entry:
 
     A slotted dataclass rather than a model: a layer can hold a million entries (this is a
     quarter of the memory). Pydantic still validates it inside ``LayerIndex``.
+    Strings hold the tar's bytes decoded as UTF-8 with ``surrogateescape`` (tarfile's and
+    ``os.fsdecode``'s convention): a name that is not valid UTF-8 keeps its raw bytes, which
+    ``os.fsencode`` gives back. In JSON such a field is escaped (see ``RAW_FIELDS``).
     """
 
     __pydantic_config__ = ConfigDict(extra="forbid")
@@ -112,6 +119,40 @@ class Chunk(BaseModel):
     blocks: list[str] = []
     bits: int = Field(default=0, ge=0, le=7)
     window: int = -1
+
+
+# Entry fields that may hold bytes that are not UTF-8. In the JSON, such a field holds a
+# display form (invalid bytes replaced by U+FFFD) and ``<field>_raw`` the base64 of its raw
+# bytes, which a reader must use instead when present.
+RAW_FIELDS = ("name", "linkname", "uname", "gname")
+
+
+def entry_bytes(text: str) -> bytes:
+    """The raw bytes of an ``Entry`` string field (``os.fsencode`` on a UTF-8 system)."""
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _escape_raw_fields(entry: dict[str, object]) -> dict[str, object]:
+    for key in RAW_FIELDS:
+        value = entry.get(key)
+        if isinstance(value, str) and not value.isascii():
+            raw = entry_bytes(value)
+            if raw.decode("utf-8", "replace") != value:  # held undecodable bytes
+                entry[key] = raw.decode("utf-8", "replace")
+                entry[key + "_raw"] = base64.b64encode(raw).decode()
+    return entry
+
+
+def _unescape_raw_fields(entry: object) -> None:
+    if not isinstance(entry, dict):
+        return
+    for key in RAW_FIELDS:
+        raw = entry.pop(key + "_raw", None)
+        if raw is not None:
+            try:
+                entry[key] = base64.b64decode(raw, validate=True).decode("utf-8", "surrogateescape")
+            except (TypeError, ValueError) as e:
+                raise IndexFormatError(f"entry field {key}_raw is not valid base64") from e
 
 
 def block_list_digest(blocks: list[str]) -> str:
@@ -166,7 +207,12 @@ class LayerIndex(BaseModel):
 
 
 def _json_bytes(index: LayerIndex) -> bytes:
-    return index.model_dump_json(exclude_defaults=True).encode()
+    try:
+        return index.model_dump_json(exclude_defaults=True).encode()
+    except PydanticSerializationError:  # a string field holds bytes that are not UTF-8
+        body = index.model_dump(mode="python", exclude_defaults=True)
+        body["entries"] = [_escape_raw_fields(e) for e in body["entries"]]
+        return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def encode_index_json(index: LayerIndex, level: int = 9) -> bytes:
@@ -182,7 +228,13 @@ def decode_index_json(data: bytes, max_size: int = 1 << 30) -> LayerIndex:
     if len(raw) > max_size:
         raise IndexFormatError("index JSON is larger than the limit")
     try:
-        index = LayerIndex.model_validate_json(raw)
+        if b'_raw"' in raw:  # escaped non-UTF-8 fields: the slow path
+            body = json.loads(raw)
+            for entry in body.get("entries", []) if isinstance(body, dict) else []:
+                _unescape_raw_fields(entry)
+            index = LayerIndex.model_validate(body)
+        else:
+            index = LayerIndex.model_validate_json(raw)
     except ValueError as e:
         raise IndexFormatError(f"index JSON does not match the schema: {e}") from e
     if index.version != FORMAT_VERSION:

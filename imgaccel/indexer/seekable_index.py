@@ -21,6 +21,7 @@ import zstandard
 
 from imgaccel.formats.layer_index import BLOCK_SIZE, Chunk, Encoding, Entry, LayerIndex, block_list_digest
 from imgaccel.indexer.errors import LayerError, NotSeekableError
+from imgaccel.indexer.limits import DEFAULT_TAR_LIMITS, TarLimits
 from imgaccel.indexer.pending_bytes import PendingBytes
 from imgaccel.indexer.raw_inflate import InflateError, inflate_from_checkpoint
 from imgaccel.indexer.tar_walker import DigestSink, walk_tar
@@ -39,10 +40,12 @@ class SeekableIndex:
     windows: list[bytes] = field(default_factory=list)
 
 
-def _block_digests(pieces: list[memoryview]) -> list[str]:
-    """sha256 hex of each ``BLOCK_SIZE`` piece of the concatenated ``pieces``."""
+def _block_digests(pieces: list[memoryview], stream_hash: hashlib._Hash) -> list[str]:
+    """sha256 hex of each ``BLOCK_SIZE`` piece of the concatenated ``pieces``; the pieces
+    also go into ``stream_hash`` (spans arrive in stream order)."""
     block, blocks, filled = hashlib.sha256(), [], 0
     for piece in pieces:
+        stream_hash.update(piece)
         while piece:
             take = min(len(piece), BLOCK_SIZE - filled)
             block.update(piece[:take])
@@ -57,12 +60,16 @@ def _block_digests(pieces: list[memoryview]) -> list[str]:
 
 
 class _SpanDigests(DigestSink):
-    """Entries, and the block digests of every span between boundaries that become known
-    only as we go. Hashing runs on a helper thread (hashlib releases the GIL), overlapping
-    the decoder; call ``close`` when done."""
+    """Entries, the block digests of every span between boundaries that become known only
+    as we go, and the digest of the whole stream (the layer's diff_id). Hashing runs on one
+    helper thread (hashlib releases the GIL), overlapping the decoder; call ``close`` when
+    done. ``limits`` and ``max_stream_bytes`` are what the tar walk is held to."""
 
-    def __init__(self, min_span: int = 0) -> None:
-        super().__init__(hash_stream=False)  # index mode takes the diff_id from the config
+    def __init__(self, limits: TarLimits, max_stream_bytes: int, min_span: int = 0) -> None:
+        super().__init__(hash_stream=False)  # hashed on the helper thread instead
+        self.limits = limits
+        self.max_stream_bytes = max_stream_bytes
+        self._stream_hash = hashlib.sha256()
         self._min_span = min_span
         self._pending = PendingBytes()
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgaccel-hash")
@@ -89,7 +96,7 @@ class _SpanDigests(DigestSink):
             if b - start < self._min_span and not (final and i == len(boundaries) - 1):
                 continue
             pieces = list(self._pending.pieces(b))
-            self._spans[start] = (b - start, self._hasher.submit(_block_digests, pieces))
+            self._spans[start] = (b - start, self._hasher.submit(_block_digests, pieces, self._stream_hash))
             self._in_flight.append(self._spans[start][1])
             while len(self._in_flight) > MAX_HASH_IN_FLIGHT:  # bound the memory held for hashing
                 self._in_flight.popleft().result()
@@ -106,6 +113,10 @@ class _SpanDigests(DigestSink):
             out[start] = (size, block_list_digest(blocks), blocks)
         return out
 
+    def diff_id(self) -> str:
+        """sha256 of every byte cut into spans; call after ``digests``."""
+        return "sha256:" + self._stream_hash.hexdigest()
+
     def close(self) -> None:
         self._hasher.shutdown(cancel_futures=True)
 
@@ -115,18 +126,24 @@ def _fixed_chunks(sink: _SpanDigests, total: int, span: int) -> None:
 
 
 def build_seekable_index(
-    path: str, encoding: Encoding, blob_digest: str, diff_id: str, span: int = 4 << 20, gzip_threads: int = 1
+    path: str,
+    encoding: Encoding,
+    blob_digest: str,
+    span: int = 4 << 20,
+    gzip_threads: int = 1,
+    limits: TarLimits = DEFAULT_TAR_LIMITS,
 ) -> SeekableIndex:
     """Read the blob at ``path`` once and return its index (and gzip windows).
 
-    ``diff_id`` (from the image config) is recorded, not recomputed: the blob's own digest
-    was verified on download, which pins every uncompressed byte. ``gzip_threads`` > 1 lets
-    rapidgzip inflate in parallel: faster, but its cache then needs about 100 MB more.
+    The index records the diff_id computed from the stream: the caller compares it with the
+    image config's. ``gzip_threads`` > 1 lets rapidgzip inflate in parallel: faster, but
+    its cache then needs about 100 MB more.
     """
     size = os.path.getsize(path)
-    sink = _SpanDigests(min_span=span if encoding == "gzip" else 0)
+    max_bytes = limits.max_stream_bytes(size, encoding != "tar")
+    sink = _SpanDigests(limits, max_bytes, min_span=span if encoding == "gzip" else 0)
     try:
-        return _build(path, encoding, blob_digest, diff_id, size, span, gzip_threads, sink)
+        return _build(path, encoding, blob_digest, size, span, gzip_threads, sink)
     finally:
         sink.close()
 
@@ -135,16 +152,15 @@ def _build(
     path: str,
     encoding: Encoding,
     blob_digest: str,
-    diff_id: str,
     size: int,
     span: int,
     threads: int,
     sink: _SpanDigests,
 ) -> SeekableIndex:
     if encoding == "gzip":
-        return _gzip_index(path, blob_digest, diff_id, size, span, threads, sink)
+        return _gzip_index(path, blob_digest, size, span, threads, sink)
     if encoding == "zstd":
-        return _zstd_index(path, blob_digest, diff_id, size, span, sink)
+        return _zstd_index(path, blob_digest, size, span, sink)
     if encoding != "tar":
         raise LayerError(f"index-only mode cannot index {encoding} layers")
     stream = open_uncompressed(path, "tar")
@@ -157,7 +173,7 @@ def _build(
         Chunk(c_offset=u, c_size=n, u_offset=u, u_size=n, digest=d, blocks=b)
         for u, (n, d, b) in sorted(sink.digests.items())
     ]
-    return SeekableIndex(_make_index("tar", blob_digest, size, total, chunks, sink.entries, diff_id))
+    return SeekableIndex(_make_index("tar", blob_digest, size, total, chunks, sink))
 
 
 def _walk_with_cuts(stream: UncompressedStream, sink: _SpanDigests, boundaries: Callable[[], list[int]]) -> int:
@@ -177,12 +193,10 @@ def _walk_with_cuts(stream: UncompressedStream, sink: _SpanDigests, boundaries: 
         def entry(self, entry: Entry, header_offset: int) -> None:
             sink.entry(entry, header_offset)
 
-    return walk_tar(stream, _CuttingSink())
+    return walk_tar(stream, _CuttingSink(), sink.limits, sink.max_stream_bytes)
 
 
-def _gzip_index(
-    path: str, blob_digest: str, diff_id: str, size: int, span: int, threads: int, sink: _SpanDigests
-) -> SeekableIndex:
+def _gzip_index(path: str, blob_digest: str, size: int, span: int, threads: int, sink: _SpanDigests) -> SeekableIndex:
     # rapidgzip decodes (and reports boundaries) every DECODE_CHUNK bytes or so; the sink
     # keeps a boundary about every ``span`` bytes. Smaller decode chunks bound its memory.
     stream = GzipStream(path, min(span, DECODE_CHUNK), threads)
@@ -224,7 +238,7 @@ def _gzip_index(
                 window=wid,
             )
         )
-    return SeekableIndex(_make_index("gzip", blob_digest, size, total, chunks, sink.entries, diff_id), windows)
+    return SeekableIndex(_make_index("gzip", blob_digest, size, total, chunks, sink), windows)
 
 
 def _verify_gzip_end(path: str, points: list[GzipCheckpoint], total: int) -> None:
@@ -285,7 +299,7 @@ class _FrameStream:
         self._f.close()
 
 
-def _zstd_index(path: str, blob_digest: str, diff_id: str, size: int, span: int, sink: _SpanDigests) -> SeekableIndex:
+def _zstd_index(path: str, blob_digest: str, size: int, span: int, sink: _SpanDigests) -> SeekableIndex:
     frames = zstd_frames(path)
     stream = _FrameStream(path, frames)
     try:
@@ -310,7 +324,7 @@ def _zstd_index(path: str, blob_digest: str, diff_id: str, size: int, span: int,
             _, digest, blocks = digests[u]
             chunks.append(Chunk(c_offset=off, c_size=csize, u_offset=u, u_size=n, digest=digest, blocks=blocks))
         u += n
-    return SeekableIndex(_make_index("zstd", blob_digest, size, total, chunks, sink.entries, diff_id))
+    return SeekableIndex(_make_index("zstd", blob_digest, size, total, chunks, sink))
 
 
 def _running_ends(sizes: list[int]) -> list[int]:
@@ -327,17 +341,16 @@ def _make_index(
     size: int,
     total: int,
     chunks: list[Chunk],
-    entries: list[Entry],
-    diff_id: str,
+    sink: _SpanDigests,
 ) -> LayerIndex:
     index = LayerIndex(
         encoding=encoding,
         blob_digest=blob_digest,
         blob_size=size,
-        diff_id=diff_id,
+        diff_id=sink.diff_id(),
         uncompressed_size=total,
         chunks=chunks,
-        entries=entries,
+        entries=sink.entries,
     )
     index.validate_layout()
     return index
