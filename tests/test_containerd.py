@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from fixtures.build_images import BIG_FILE_SIZE, real_bytes
+from tests.containerd import MISSING, running_containerd
 from tests.helpers import get_json
 from tests.registry import Registry
 
-MISSING = [tool for tool in ("containerd", "ctr", "runc") if shutil.which(tool) is None]
 pytestmark = [
     pytest.mark.skipif(bool(MISSING), reason=f"missing {', '.join(MISSING)} (scripts/install installs them)"),
     pytest.mark.skipif(os.geteuid() != 0, reason="containerd needs root"),
@@ -25,35 +23,8 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
-    d = tmp_path_factory.mktemp("ctd")
-    sock = d / "containerd.sock"
-    (d / "config.toml").write_text(
-        f"""version = 2
-root = "{d}/root"
-state = "{d}/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
-  address = "{sock}"
-[ttrpc]
-  address = "{sock}.ttrpc"
-"""
-    )
-    log = open(d / "containerd.log", "wb")  # noqa: SIM115 - containerd writes it
-    proc = subprocess.Popen(["containerd", "--config", str(d / "config.toml")], stdout=log, stderr=log)
-    try:
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError((d / "containerd.log").read_text()[-3000:])
-            time.sleep(0.1)
-        yield ["ctr", "--address", str(sock)]
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with running_containerd(tmp_path_factory.mktemp("ctd")) as ctr:
+        yield ctr
 
 
 @pytest.mark.parametrize("mode", ["index", "full"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import BinaryIO
 
 from imgaccel.formats import oci
@@ -11,6 +12,7 @@ from imgaccel.indexer.errors import LayerError
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 LZ4_MAGIC = b"\x04\x22\x4d\x18"
+log = logging.getLogger(__name__)
 
 
 def declared_encoding(media_type: str) -> Encoding:
@@ -36,10 +38,18 @@ def sniff_encoding(f: BinaryIO) -> Encoding:
     return "tar"
 
 
-def check_encoding(f: BinaryIO, media_type: str) -> Encoding:
-    """Encoding of the blob in ``f``; raises if it contradicts ``media_type``."""
+def check_encoding(f: BinaryIO, media_type: str, what: str = "layer") -> Encoding:
+    """Encoding of the blob in ``f``; raises if it contradicts ``media_type``.
+
+    One contradiction is tolerated, as containerd and Docker tolerate it (they pick the
+    decompressor by magic bytes): a blob compressed with another codec than its media type
+    names. ctr-remote's eStargz conversion writes gzip blobs under ``tar+zstd``.
+    """
     declared = declared_encoding(media_type)
     found = sniff_encoding(f)
     if found != declared:
-        raise LayerError(f"media type {media_type} declares {declared}, but the blob is {found}")
-    return declared
+        if found == "tar" or declared == "tar":
+            raise LayerError(f"media type {media_type} declares {declared}, but the blob is {found}")
+        log.warning("%s: media type %s declares %s, but the blob is %s: reading it as %s", what, media_type,
+                    declared, found, found)  # fmt: skip
+    return found

@@ -97,7 +97,8 @@ def inflate_from_checkpoint(data: bytes, bits: int, window: bytes, out_size: int
     ``window`` is the 32 KiB of uncompressed data before the checkpoint (may be empty at the
     start of a member).  Member boundaries (gzip trailer + next header) are crossed.
     With ``expect_end``, ``data`` must end right after those bytes: the deflate stream's
-    final block, then the 8-byte gzip trailer (zero padding after it is tolerated).
+    final block, then the 8-byte gzip trailer; after it, only empty gzip members (eStargz
+    ends with one, its footer) and zero padding are tolerated.
     """
     out = ctypes.create_string_buffer(out_size + 1)
     strm = _ZStream()
@@ -140,20 +141,37 @@ def inflate_from_checkpoint(data: bytes, bits: int, window: bytes, out_size: int
             msg = strm.msg.decode() if strm.msg else f"zlib error {ret}"
             raise InflateError(msg)
         if expect_end:
-            strm.next_in = base_in + pos
-            strm.avail_in = len(data) - pos
-            strm.next_out = base_out + out_size
-            strm.avail_out = 1
-            ret = _zlib.inflate(ctypes.byref(strm), _Z_NO_FLUSH)
-            pos = len(data) - strm.avail_in
-            if ret != _Z_STREAM_END or strm.avail_out == 0:
-                raise InflateError("the gzip stream is truncated (no end-of-stream marker)")
-            trailer = data[pos:]
-            if len(trailer) < 8 or trailer[8:].strip(b"\0"):
-                raise InflateError("the gzip stream is truncated or has trailing garbage after its trailer")
+            _expect_end(strm, data, pos, base_in, base_out + out_size)
         return out.raw[:out_size]
     finally:
         _zlib.inflateEnd(ctypes.byref(strm))
+
+
+def _expect_end(strm: _ZStream, data: bytes, pos: int, base_in: int, out_end: int) -> None:
+    """The member being inflated at ``pos`` must end here, and nothing but empty members
+    and zero padding may follow it."""
+    spare = ctypes.create_string_buffer(1)
+    while True:
+        strm.next_in = base_in + pos
+        strm.avail_in = len(data) - pos
+        strm.next_out = out_end
+        strm.avail_out = 1
+        ret = _zlib.inflate(ctypes.byref(strm), _Z_NO_FLUSH)
+        pos = len(data) - strm.avail_in
+        if strm.avail_out == 0:
+            raise InflateError("the gzip stream holds more data than its tar stream")
+        if ret != _Z_STREAM_END:
+            raise InflateError("the gzip stream is truncated (no end-of-stream marker)")
+        pos += 8  # CRC32 + ISIZE
+        if pos > len(data):
+            raise InflateError("the gzip stream is truncated (its trailer is missing)")
+        if not data[pos:].strip(b"\0"):
+            return
+        if data[pos : pos + 2] != b"\x1f\x8b":
+            raise InflateError(f"the gzip stream has trailing garbage {len(data) - pos} bytes before its end")
+        pos += gzip_header_length(data, pos)  # a further member: it must hold no data
+        _zlib.inflateReset(ctypes.byref(strm))
+        out_end = ctypes.addressof(spare)
 
 
 __all__ = ["InflateError", "InflateInputEnded", "gzip_header_length", "inflate_from_checkpoint", "zlib"]

@@ -60,10 +60,15 @@ def _clean(name: str) -> str | None:
 
 
 def _decompressed(f: BinaryIO, media_type: str) -> IO[bytes]:
-    enc = oci.LAYER_COMPRESSION.get(media_type)
-    if enc == "gzip":
+    """The layer's tar stream. Like containerd, the codec is picked by the blob's magic bytes
+    (stargz tooling writes gzip blobs under tar+zstd); the media type only says it is compressed."""
+    head = f.read(4)
+    f.seek(0)
+    if oci.LAYER_COMPRESSION.get(media_type, "tar") == "tar":
+        return f
+    if head[:2] == b"\x1f\x8b":
         return cast(IO[bytes], gzip.GzipFile(fileobj=f))
-    if enc == "zstd":
+    if head == b"\x28\xb5\x2f\xfd" or (len(head) == 4 and head[0] & 0xF0 == 0x50 and head[1:] == b"\x2a\x4d\x18"):
         return zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
     return f
 
@@ -87,6 +92,8 @@ def _layer_records(path: str, media_type: str) -> Iterator[tuple[str, Record]]:
             elif kind == "hardlink":
                 link = _clean(ti.linkname) or ""
                 digest = contents.get(link)
+                if digest is not None:  # a later hardlink may name this one
+                    contents[name] = digest
             xattrs = {
                 k[len("SCHILY.xattr.") :]: v.encode("utf-8", "surrogateescape")
                 for k, v in ti.pax_headers.items()
