@@ -18,27 +18,42 @@ import json
 import logging
 import os
 import random
+import re
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlencode, urljoin
+from urllib.parse import urlencode
 
 import aiohttp
+from yarl import URL
 
 from imgaccel import __version__
 from imgaccel.formats import oci
 from imgaccel.pusher.auth import Challenge, Credentials, load_docker_credentials, parse_challenge
 from imgaccel.pusher.errors import AuthError, DigestMismatchError, NotFoundError, RegistryError
-from imgaccel.pusher.reference import ImageRef, is_loopback
+from imgaccel.pusher.reference import (
+    ImageRef,
+    ReferenceError,
+    check_digest,
+    check_reference,
+    check_registry_host,
+    check_repository,
+    check_tag,
+    is_digest,
+    is_loopback,
+    show,
+)
 
 log = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 _RETRY_EXCEPTIONS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError)
 MAX_MANIFEST_SIZE = 4 << 20
+MAX_ERROR_BODY = 4096  # bytes of an error answer read for its message
+_LINK_NEXT = re.compile(r"<([^>]*)>")
 USER_AGENT = f"imgaccel/{__version__}"  # the event service ignores notifications for its own pushes
 ProgressFn = Callable[[int], None]
 
@@ -100,10 +115,11 @@ class RegistryClient:
         max_connections: int = 8,
         timeout: float = 300.0,
     ) -> None:
-        self.registry = registry
+        self.registry = check_registry_host(registry, "registry")
         if plain_http is None:
             plain_http = is_loopback(registry)
         self.base_url = f"{'http' if plain_http else 'https'}://{registry}"
+        self._origin = URL(self.base_url).origin()
         self.credentials = credentials if credentials is not None else load_docker_credentials(registry)
         self.retry = retry or RetryPolicy()
         self._connections = max_connections
@@ -145,8 +161,32 @@ class RegistryClient:
 
     # -- requests, auth and retries -------------------------------------------------------
 
-    def _url(self, path_or_url: str) -> str:
-        return urljoin(self.base_url + "/", path_or_url)
+    def _registry_url(self, value: str, what: str, source: str, path_prefix: str = "/v2/") -> str:
+        """``value`` (a path or a URL the registry handed back, e.g. an upload Location or a
+        ``Link`` header) resolved against the registry, as long as it stays on the registry
+        (same scheme, host and port) and under ``path_prefix`` with no dot segments."""
+        problem = None
+        try:
+            url = URL(self.base_url).join(URL(value))
+        except ValueError:
+            problem = "not a URL"
+        else:
+            if url.origin() != self._origin or url.user is not None or url.password is not None:
+                problem = f"it points to another host than {self.base_url}"
+            elif _dot_segments(value) or not _safe_path(url.raw_path, path_prefix):
+                problem = f"its path is not under {path_prefix}"
+        if problem:
+            raise RegistryError(f"{what}: refusing the {source} {show(value)}: {problem}")
+        return str(url)
+
+    def _check(self, repo: str, *, reference: str | None = None, digest: str | None = None) -> None:
+        """Refuse a repository name, tag or digest that could build a URL outside
+        ``/v2/<name>/`` (``ReferenceError``, a ``RegistryError``)."""
+        check_repository(repo, f"{self.registry}: repository")
+        if reference is not None:
+            check_reference(reference, f"{self.registry}/{repo}: reference")
+        if digest is not None:
+            check_digest(digest, f"{self.registry}/{repo}: digest")
 
     async def _authorize(self, challenge: Challenge, scope: str) -> str:
         if challenge.scheme == "basic":
@@ -158,7 +198,7 @@ class RegistryClient:
         query = {"service": challenge.params.get("service", "")}
         query["scope"] = challenge.params.get("scope") or scope
         headers = {"Authorization": self.credentials.basic_header()} if self.credentials else {}
-        url = challenge.params["realm"] + "?" + urlencode(query)
+        url = _token_realm(challenge.params["realm"], self.registry).extend_query(query)
         async with self.session.get(url, headers=headers) as resp:
             if resp.status in (401, 403):
                 raise AuthError(f"{self.registry}: token service refused the credentials ({resp.status})", resp.status)
@@ -182,12 +222,17 @@ class RegistryClient:
         data: Any = None,
         ok: tuple[int, ...] = (200,),
         retry: bool = True,
+        redirects: bool = False,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """A request with auth and retries; yields a response whose status is in ``ok``.
 
         ``data`` may be a callable returning a fresh body for each attempt. ``what`` names
-        the object in error messages (e.g. ``127.0.0.1:5000/app@sha256:...``).
+        the object in error messages (e.g. ``127.0.0.1:5000/app@sha256:...``). The URL must
+        stay on the registry, under ``/v2/``. Redirects are followed only with ``redirects``
+        (blob GET/HEAD, which registries send to their storage; aiohttp drops the
+        Authorization header on a redirect to another origin).
         """
+        url = self._registry_url(path, what, "request URL")
         attempt = 0
         auth_tries = 0
         while True:
@@ -196,7 +241,7 @@ class RegistryClient:
                 hdrs["Authorization"] = self._auth.tokens[scope]
             body = data() if callable(data) else data
             try:
-                resp = await self.session.request(method, self._url(path), headers=hdrs, data=body)
+                resp = await self.session.request(method, url, headers=hdrs, data=body, allow_redirects=redirects)
             except _RETRY_EXCEPTIONS as e:
                 if not retry or attempt + 1 >= self.retry.attempts:
                     raise RegistryError(f"{what}: {method} failed: {type(e).__name__}: {e}") from e
@@ -225,13 +270,14 @@ class RegistryClient:
                 resp.release()
 
     async def _error(self, resp: aiohttp.ClientResponse, method: str, what: str) -> RegistryError:
-        text = (await resp.text(errors="replace"))[:300].strip()
+        text = (await _read_limited(resp, MAX_ERROR_BODY)).decode(errors="replace")[:300].strip()
         detail = text
         try:
             errs = json.loads(text).get("errors") or []
             detail = "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errs) or text
         except (ValueError, AttributeError):
             pass
+        detail = " ".join(detail.split())  # one line
         msg = f"{what}: {method} answered {resp.status}" + (f" ({detail})" if detail else "")
         if resp.status == 404:
             return NotFoundError(msg, 404)
@@ -248,11 +294,14 @@ class RegistryClient:
         headers: dict[str, str] | None = None,
         ok: tuple[int, ...] = (200,),
         limit: int,
+        redirects: bool = False,
     ) -> tuple[bytes, int, dict[str, str]]:
         """GET a whole (bounded) body; a connection dropped mid-body is retried."""
         for attempt in range(self.retry.attempts):
             try:
-                async with self.request("GET", path, scope=scope, what=what, headers=headers, ok=ok) as resp:
+                async with self.request(
+                    "GET", path, scope=scope, what=what, headers=headers, ok=ok, redirects=redirects
+                ) as resp:
                     data = await _read_limited(resp, limit)
                     return data, resp.status, dict(resp.headers)
             except _RETRY_EXCEPTIONS as e:
@@ -272,7 +321,8 @@ class RegistryClient:
     # -- manifests ------------------------------------------------------------------------
 
     async def get_manifest(self, repo: str, reference: str) -> Manifest:
-        what = f"{self.registry}/{repo}{'@' if reference.startswith('sha256:') else ':'}{reference}"
+        self._check(repo, reference=reference)
+        what = f"{self.registry}/{repo}{'@' if is_digest(reference) else ':'}{reference}"
         data, _, headers = await self._fetch(
             f"/v2/{repo}/manifests/{reference}",
             scope=self.pull_scope(repo),
@@ -284,8 +334,8 @@ class RegistryClient:
         if len(data) > MAX_MANIFEST_SIZE:
             raise RegistryError(f"{what}: manifest is larger than {MAX_MANIFEST_SIZE} bytes")
         digest = oci.sha256_digest(data)
-        if reference.startswith("sha256:") and digest != reference:
-            raise DigestMismatchError(f"{what}: manifest bytes hash to {digest}")
+        if is_digest(reference) and _digest_of(data, reference) != reference:
+            raise DigestMismatchError(f"{what}: manifest bytes hash to {_digest_of(data, reference)}")
         try:
             declared = json.loads(data).get("mediaType")
         except (ValueError, AttributeError):
@@ -293,22 +343,29 @@ class RegistryClient:
         return Manifest(data, declared or media_type, digest)
 
     async def _head(
-        self, repo: str, path: str, what: str, headers: dict[str, str] | None = None
+        self, repo: str, path: str, what: str, headers: dict[str, str] | None = None, redirects: bool = False
     ) -> dict[str, str] | None:
         """Response headers of a HEAD request, or None on 404."""
         try:
-            async with self.request("HEAD", path, scope=self.pull_scope(repo), what=what, headers=headers) as resp:
+            async with self.request(
+                "HEAD", path, scope=self.pull_scope(repo), what=what, headers=headers, redirects=redirects
+            ) as resp:
                 return dict(resp.headers)
         except NotFoundError:
             return None
 
     async def manifest_exists(self, repo: str, reference: str) -> str | None:
         """The digest ``reference`` resolves to, or None."""
+        self._check(repo, reference=reference)
         what = f"{self.registry}/{repo}:{reference}"
         headers = await self._head(repo, f"/v2/{repo}/manifests/{reference}", what, {"Accept": oci.ACCEPT_MANIFESTS})
-        return None if headers is None else headers.get("Docker-Content-Digest") or reference
+        if headers is None:
+            return None
+        digest = headers.get("Docker-Content-Digest") or reference
+        return check_digest(digest, f"{what}: Docker-Content-Digest") if is_digest(digest) else digest
 
     async def put_manifest(self, repo: str, reference: str, data: bytes, media_type: str) -> str:
+        self._check(repo, reference=reference)
         digest = oci.sha256_digest(data)
         what = f"{self.registry}/{repo}:{reference}"
         async with self.request(
@@ -322,57 +379,86 @@ class RegistryClient:
         ) as resp:
             got = resp.headers.get("Docker-Content-Digest")
         if got and got != digest:
-            raise DigestMismatchError(f"{what}: registry stored the manifest as {got}, expected {digest}")
+            raise DigestMismatchError(f"{what}: registry stored the manifest as {show(got)}, expected {digest}")
         return digest
 
-    async def catalog(self) -> list[str]:
-        """Every repository the registry lists (``/v2/_catalog``, paginated)."""
-        repos: list[str] = []
-        path: str | None = "/v2/_catalog?n=1000"
-        while path:
-            async with self.request("GET", path, scope="registry:catalog:*", what=f"{self.registry} catalog") as resp:
+    async def _paginated(self, path: str, key: str, scope: str, what: str) -> list[Any]:
+        """Every item of ``key`` over the pages of ``path``, following ``Link: <...>; rel="next"``
+        only while it stays on the registry and on ``path``."""
+        items: list[Any] = []
+        endpoint = path.split("?", 1)[0]
+        url: str | None = path
+        while url:
+            async with self.request("GET", url, scope=scope, what=what) as resp:
                 body = await resp.json(content_type=None)
                 link = resp.headers.get("Link", "")
-            repos.extend(body.get("repositories") or [])
-            path = link[link.index("<") + 1 : link.index(">")] if "<" in link else None
-        return repos
+            page = body.get(key) if isinstance(body, dict) else None
+            items.extend(page if isinstance(page, list) else [])
+            found = _LINK_NEXT.search(link)
+            url = self._registry_url(found.group(1), what, "Link header", endpoint) if found else None
+            if url and URL(url).raw_path != endpoint:
+                raise RegistryError(f"{what}: refusing the Link header {show(link)}: its path is not {endpoint}")
+        return items
+
+    async def catalog(self) -> list[str]:
+        """Every repository the registry lists (``/v2/_catalog``, paginated); names that are
+        not valid repository names are left out (with a warning)."""
+        what = f"{self.registry} catalog"
+        names = await self._paginated("/v2/_catalog?n=1000", "repositories", "registry:catalog:*", what)
+        return _valid(names, check_repository, what)
 
     async def list_tags(self, repo: str) -> list[str]:
-        tags: list[str] = []
-        path: str | None = f"/v2/{repo}/tags/list?n=1000"
-        while path:
-            async with self.request("GET", path, scope=self.pull_scope(repo), what=f"{self.registry}/{repo}") as resp:
-                body = await resp.json(content_type=None)
-                link = resp.headers.get("Link", "")
-            tags.extend(body.get("tags") or [])
-            path = link[link.index("<") + 1 : link.index(">")] if "<" in link else None
-        return tags
+        """Every tag of ``repo``; names that are not valid tags are left out (with a warning)."""
+        self._check(repo)
+        what = f"{self.registry}/{repo}"
+        tags = await self._paginated(f"/v2/{repo}/tags/list?n=1000", "tags", self.pull_scope(repo), what)
+        return _valid(tags, check_tag, f"{what} tags")
 
     # -- blobs ----------------------------------------------------------------------------
 
     async def blob_size(self, repo: str, digest: str) -> int | None:
         """Size of the blob if ``repo`` has it, else None."""
-        headers = await self._head(repo, f"/v2/{repo}/blobs/{digest}", f"{self.registry}/{repo}@{digest}")
-        return None if headers is None else int(headers.get("Content-Length", "-1"))
+        self._check(repo, digest=digest)
+        what = f"{self.registry}/{repo}@{digest}"
+        headers = await self._head(repo, f"/v2/{repo}/blobs/{digest}", what, redirects=True)
+        if headers is None:
+            return None
+        length = headers.get("Content-Length", "-1")
+        if not length.isdigit():
+            return -1
+        return int(length)
 
     async def read_blob(self, repo: str, digest: str, max_size: int = 64 << 20) -> bytes:
         """A small blob (config, index) in memory, digest-checked."""
+        self._check(repo, digest=digest)
         what = f"{self.registry}/{repo}@{digest}"
         data, _, _ = await self._fetch(
-            f"/v2/{repo}/blobs/{digest}", scope=self.pull_scope(repo), what=what, limit=max_size
+            f"/v2/{repo}/blobs/{digest}", scope=self.pull_scope(repo), what=what, limit=max_size, redirects=True
         )
         if len(data) > max_size:
             raise RegistryError(f"{what}: blob is larger than {max_size} bytes")
-        if oci.sha256_digest(data) != digest:
-            raise DigestMismatchError(f"{what}: blob bytes hash to {oci.sha256_digest(data)}")
+        if _digest_of(data, digest) != digest:
+            raise DigestMismatchError(f"{what}: blob bytes hash to {_digest_of(data, digest)}")
         return data
 
     async def download_blob(
         self, repo: str, digest: str, path: str, expected_size: int | None = None, progress: ProgressFn | None = None
     ) -> int:
-        """Stream a blob to ``path``, checking its digest; resumes after dropped connections."""
+        """Stream a blob to ``path``, checking its digest; resumes after dropped connections.
+
+        With ``expected_size`` (the descriptor's size) a registry that announces another size
+        (Content-Length, or the total of a Content-Range) fails at once, before the body is
+        read, and so does a body that ends cleanly short of it or runs past it (no more than
+        one byte past it is read): only a dropped connection is retried.
+        """
+        self._check(repo, digest=digest)
         what = f"{self.registry}/{repo}@{digest}"
-        h = hashlib.sha256()
+
+        def sizes_differ(sent: int | str) -> DigestMismatchError:
+            blob = f"{self.registry}/{repo}: blob {digest}"
+            return DigestMismatchError(f"{blob}: registry sends {sent} bytes, the descriptor says {expected_size}")
+
+        h = _hasher(digest)
         got = 0
         with open(path, "wb") as f:
             for attempt in range(self.retry.attempts):
@@ -382,19 +468,25 @@ class RegistryClient:
                         if got and resp.status == 200:  # no resume: start again
                             f.seek(0)
                             f.truncate()
-                            h, got = hashlib.sha256(), 0
-                        async for block in resp.content.iter_chunked(1 << 20):
+                            h, got = _hasher(digest), 0
+                        announced = _announced_size(resp, got)
+                        if expected_size is not None and announced is not None and announced != expected_size:
+                            raise sizes_differ(announced)
+                        while expected_size is None or got < expected_size:
+                            want = 1 << 20 if expected_size is None else min(1 << 20, expected_size - got)
+                            block = await resp.content.read(want)
+                            if not block:
+                                break
                             f.write(block)
                             h.update(block)
                             got += len(block)
-                            if expected_size is not None and got > expected_size:
-                                raise DigestMismatchError(
-                                    f"{what}: blob is larger than its descriptor's {expected_size} bytes"
-                                )
                             if progress:
                                 progress(len(block))
-                    if expected_size is None or got >= expected_size:
-                        break
+                        if expected_size is not None and got >= expected_size and await resp.content.read(1):
+                            raise sizes_differ(f"more than {expected_size}")
+                    if expected_size is not None and got < expected_size:
+                        raise sizes_differ(got)  # the body ended cleanly: the blob is shorter
+                    break
                 except RegistryError:
                     raise
                 except _RETRY_EXCEPTIONS as e:
@@ -402,9 +494,7 @@ class RegistryClient:
                         raise RegistryError(f"{what}: download failed after {got} bytes: {e}") from e
                     log.info("%s: connection dropped after %d bytes, resuming", what, got)
                     await asyncio.sleep(self.retry.delay(attempt))
-        if expected_size is not None and got != expected_size:
-            raise DigestMismatchError(f"{what}: got {got} bytes, the descriptor says {expected_size}")
-        actual = "sha256:" + h.hexdigest()
+        actual = f"{digest.split(':', 1)[0]}:{h.hexdigest()}"
         if actual != digest:
             raise DigestMismatchError(f"{what}: downloaded bytes hash to {actual}")
         return got
@@ -412,12 +502,16 @@ class RegistryClient:
     def _blob_get(
         self, repo: str, digest: str, what: str, headers: dict[str, str]
     ) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
-        """GET a blob (whole or a Range), answered 200 or 206."""
+        """GET a blob (whole or a Range), answered 200 or 206 (redirects to storage followed)."""
+        self._check(repo, digest=digest)
         path = f"/v2/{repo}/blobs/{digest}"
-        return self.request("GET", path, scope=self.pull_scope(repo), what=what, headers=headers, ok=(200, 206))
+        return self.request(
+            "GET", path, scope=self.pull_scope(repo), what=what, headers=headers, ok=(200, 206), redirects=True
+        )
 
     async def fetch_range(self, repo: str, digest: str, start: int, end: int) -> bytes:
         """Blob bytes ``[start, end)`` with one Range GET (not verified here: callers verify)."""
+        self._check(repo, digest=digest)
         what = f"{self.registry}/{repo}@{digest}"
         if end <= start:
             return b""
@@ -453,6 +547,7 @@ class RegistryClient:
         whole blob is detected from the status line, before its body is read: the connection
         is dropped and this client asks one range at a time from then on; so it does after a
         malformed multipart answer. Not verified here: callers verify."""
+        self._check(repo, digest=digest)
         if len(ranges) > 1 and not self.multi_range_unsupported and digest not in self._spools:
             what = f"{self.registry}/{repo}@{digest}"
             header = "bytes=" + ",".join(f"{start}-{end - 1}" for start, end in ranges)
@@ -479,20 +574,24 @@ class RegistryClient:
         """Write a whole-blob response to a temporary file, digest-checked; remember it."""
         if self._spool_dir is None:
             self._spool_dir = tempfile.TemporaryDirectory(prefix="imgaccel-spool-")
+        check_digest(digest, what)  # it names a local file
         path = os.path.join(self._spool_dir.name, digest.replace(":", "-"))
-        h = hashlib.sha256()
+        h = _hasher(digest)
         with open(path, "wb") as f:
             async for block in resp.content.iter_chunked(1 << 20):
                 f.write(block)
                 h.update(block)
-        if "sha256:" + h.hexdigest() != digest:
+        actual = f"{digest.split(':', 1)[0]}:{h.hexdigest()}"
+        if actual != digest:
             os.unlink(path)
-            raise DigestMismatchError(f"{what}: blob bytes hash to sha256:{h.hexdigest()}")
+            raise DigestMismatchError(f"{what}: blob bytes hash to {actual}")
         self._spools[digest] = path
         return path
 
     async def mount_blob(self, repo: str, digest: str, from_repo: str) -> bool:
         """Cross-repository mount; True when the registry mounted it."""
+        self._check(repo, digest=digest)
+        self._check(from_repo)
         query = urlencode({"mount": digest, "from": from_repo})
         async with self.request(
             "POST",
@@ -507,6 +606,7 @@ class RegistryClient:
         self, repo: str, digest: str, source: str | bytes, progress: ProgressFn | None = None
     ) -> None:
         """Upload a file (streamed) or bytes as ``digest`` unless the repository has it already."""
+        self._check(repo, digest=digest)
         size = len(source) if isinstance(source, bytes) else os.path.getsize(source)
         if await self.blob_size(repo, digest) == size:
             return
@@ -515,7 +615,7 @@ class RegistryClient:
             async with self.request(
                 "POST", f"/v2/{repo}/blobs/uploads/", scope=self.push_scope(repo), what=what, ok=(202,)
             ) as resp:
-                location = resp.headers["Location"]
+                location = self._upload_location(resp, repo, what)
             sep = "&" if "?" in location else "?"
 
             def body() -> Any:
@@ -550,11 +650,12 @@ class RegistryClient:
         ``finished`` is set; the caller then calls ``commit_upload`` with the final digest.
         Raises ``RegistryError`` if the session fails; the caller falls back to ``upload_blob``.
         """
+        self._check(repo)
         what = f"{self.registry}/{repo} (streamed upload)"
         async with self.request(
             "POST", f"/v2/{repo}/blobs/uploads/", scope=self.push_scope(repo), what=what, ok=(202,)
         ) as resp:
-            self._uploads[path] = resp.headers["Location"]
+            self._uploads[path] = self._upload_location(resp, repo, what)
         sent = 0
         with open(path, "rb") as f:
             while True:
@@ -577,7 +678,7 @@ class RegistryClient:
                         ok=(202,),
                         retry=False,
                     ) as resp:
-                        self._uploads[path] = resp.headers["Location"]
+                        self._uploads[path] = self._upload_location(resp, repo, what)
                     sent += len(data)
                     continue
                 if done:
@@ -587,6 +688,7 @@ class RegistryClient:
 
     async def commit_upload(self, repo: str, path: str, digest: str, size: int) -> None:
         """Finish a ``upload_growing_file`` session as ``digest`` and check the result."""
+        self._check(repo, digest=digest)
         location = self._uploads.pop(path)
         sep = "&" if "?" in location else "?"
         what = f"{self.registry}/{repo}@{digest}"
@@ -600,6 +702,7 @@ class RegistryClient:
 
     async def cancel_upload(self, repo: str, path: str) -> None:
         """Abandon a streamed upload session (best effort)."""
+        self._check(repo)
         location = self._uploads.pop(path, None)
         if location is None:
             return
@@ -611,6 +714,14 @@ class RegistryClient:
         except (RegistryError, *_RETRY_EXCEPTIONS):
             pass
 
+    def _upload_location(self, resp: aiohttp.ClientResponse, repo: str, what: str) -> str:
+        """The upload session URL from an answer's Location header: on the registry, under
+        ``/v2/<repo>/``, or ``RegistryError``."""
+        location = resp.headers.get("Location")
+        if not location:
+            raise RegistryError(f"{what}: {resp.method} answered {resp.status} without a Location header")
+        return self._registry_url(location, what, "upload Location", f"/v2/{repo}/")
+
     # -- referrers ------------------------------------------------------------------------
 
     async def add_referrer(self, repo: str, subject_digest: str, referrer: oci.Descriptor) -> None:
@@ -619,6 +730,7 @@ class RegistryClient:
         With a referrers API the registry indexes the pushed manifest by its ``subject``
         itself; without one (distribution 2.8) keep the ``sha256-<hex>`` tag index current.
         """
+        self._check(repo, digest=subject_digest)
         what = f"{self.registry}/{repo} referrers of {subject_digest}"
         try:
             async with self.request(
@@ -628,7 +740,7 @@ class RegistryClient:
                     return
         except NotFoundError:
             pass
-        tag = subject_digest.replace(":", "-")
+        tag = _referrers_tag(subject_digest)
         try:
             existing = await self.get_manifest(repo, tag)
             index = oci.ImageIndex.model_validate_json(existing.data)
@@ -641,6 +753,7 @@ class RegistryClient:
         await self.put_manifest(repo, tag, body, oci.OCI_INDEX)
 
     async def referrers(self, repo: str, subject_digest: str) -> list[oci.Descriptor]:
+        self._check(repo, digest=subject_digest)
         try:
             async with self.request(
                 "GET", f"/v2/{repo}/referrers/{subject_digest}", scope=self.pull_scope(repo), what=repo
@@ -650,10 +763,79 @@ class RegistryClient:
         except NotFoundError:
             pass
         try:
-            m = await self.get_manifest(repo, subject_digest.replace(":", "-"))
+            m = await self.get_manifest(repo, _referrers_tag(subject_digest))
         except NotFoundError:
             return []
         return oci.ImageIndex.model_validate_json(m.data).manifests
+
+
+def _safe_path(raw_path: str, prefix: str) -> bool:
+    """True when a URL's (still percent-encoded) path is under ``prefix`` with no dot segment,
+    encoded dot, backslash or empty segment that a server could resolve elsewhere."""
+    if not raw_path.startswith(prefix) or "\\" in raw_path or "%2e" in raw_path.lower():
+        return False
+    segments = raw_path[1:].split("/")
+    return not any(seg in (".", "..") for seg in segments) and "" not in segments[:-1]
+
+
+def _dot_segments(value: str) -> bool:
+    """True when the path of ``value`` (a URL or a path, as received, before any resolution
+    would remove them) has a ``.`` or ``..`` segment, plain or percent-encoded, or a backslash."""
+    path = value.split("?", 1)[0].split("#", 1)[0]
+    return "\\" in path or "%2e" in path.lower() or any(seg in (".", "..") for seg in path.split("/"))
+
+
+def _token_realm(realm: str, registry: str) -> URL:
+    """The token service URL a Bearer challenge names (on any host: that is how bearer auth
+    works), as long as it is a plain http(s) URL."""
+    try:
+        url = URL(realm)
+    except ValueError:
+        url = None
+    if url is None or url.scheme not in ("http", "https") or not url.host or url.user or url.password or url.fragment:
+        raise AuthError(f"{registry}: refusing the token realm {show(realm)}: not an http(s) URL", 401)
+    return url
+
+
+def _hasher(digest: str) -> Any:
+    """A hashlib object for ``digest``'s algorithm (sha256 or sha512)."""
+    return hashlib.new(digest.split(":", 1)[0])
+
+
+def _digest_of(data: bytes, like: str) -> str:
+    """``data``'s digest with the algorithm of the digest ``like``."""
+    h = _hasher(like)
+    h.update(data)
+    return f"{like.split(':', 1)[0]}:{h.hexdigest()}"
+
+
+def _referrers_tag(digest: str) -> str:
+    """The OCI 1.1 tag-schema referrers tag: ``<alg>-<hex>``, the hex cut to 64 characters."""
+    algorithm, _, hexpart = digest.partition(":")
+    return f"{algorithm}-{hexpart[:64]}"
+
+
+def _announced_size(resp: aiohttp.ClientResponse, offset: int) -> int | None:
+    """The whole blob's size as an answer announces it before its body: Content-Length of a
+    200, the total of a 206's Content-Range (or ``offset`` + its Content-Length)."""
+    length = resp.headers.get("Content-Length", "")
+    if resp.status == 206:
+        total = resp.headers.get("Content-Range", "").rpartition("/")[2]
+        if total.isdigit():
+            return int(total)
+        return offset + int(length) if length.isdigit() else None
+    return int(length) if length.isdigit() else None
+
+
+def _valid(names: list[Any], check: Callable[[object, str | None], str], what: str) -> list[str]:
+    """``names`` that pass ``check``; the others are logged and left out."""
+    out = []
+    for name in names:
+        try:
+            out.append(check(name, what))
+        except ReferenceError as e:
+            log.warning("%s (left out)", e)
+    return out
 
 
 def _read_file_range(path: str, start: int, end: int) -> bytes:
