@@ -25,10 +25,12 @@ def one_line_error(stderr: str) -> str:
     return lines[0]
 
 
-def assert_fails_cleanly(registry: Registry, repo: str, *needles: str, mode: str = "index") -> str:
+def assert_fails_cleanly(
+    registry: Registry, repo: str, *needles: str, mode: str = "index", args: tuple[str, ...] = ()
+) -> str:
     workdir = WORKDIR / repo.replace("/", "_")
     workdir.mkdir(parents=True)
-    r = run_cli("convert", f"{registry.host}/{repo}:v1", "--mode", mode, "--workdir", str(workdir))
+    r = run_cli("convert", f"{registry.host}/{repo}:v1", "--mode", mode, "--workdir", str(workdir), *args)
     assert list(workdir.iterdir()) == [], "temporary files were left behind"
     assert r.code == 1, r.out + r.err
     assert r.out == ""

@@ -55,6 +55,25 @@ class SizeParam(click.ParamType):  # type: ignore[type-arg]
         return n
 
 
+class LimitParam(click.ParamType):  # type: ignore[type-arg]
+    """``NAME=VALUE`` for one field of ``ConversionLimits`` (sizes like 4MiB accepted)."""
+
+    name = "name=value"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, int]:
+        from imgaccel.converter.options import ConversionLimits
+
+        if isinstance(value, tuple):
+            return value
+        key, sep, raw = str(value).partition("=")
+        if not sep or key not in ConversionLimits.model_fields:
+            self.fail(f"{value!r}: expected NAME=VALUE, NAME one of {', '.join(ConversionLimits.model_fields)}")
+        try:
+            return key, parse_size(raw)
+        except ValueError:
+            self.fail(f"{value!r}: {raw!r} is not a number or size", param, ctx)
+
+
 def parse_ref(text: str) -> ImageRef:
     try:
         return parse_reference(text)

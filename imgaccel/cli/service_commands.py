@@ -25,6 +25,8 @@ err = Console(stderr=True)
               help="YAML config (default: the embedded defaults).")  # fmt: skip
 def serve(config_path: Path | None) -> None:
     """Run the conversion service: registry events in, accelerated images out."""
+    from imgaccel.cli.common import fail
+    from imgaccel.converter.service import ServiceStartError
     from imgaccel.converter.service import serve as run
 
     try:
@@ -33,7 +35,11 @@ def serve(config_path: Path | None) -> None:
         raise click.UsageError(str(e)) from None
     if logging.getLogger().level > logging.INFO:
         logging.getLogger().setLevel(logging.INFO)
-    run(config)
+    try:
+        run(config)
+    except ServiceStartError as e:
+        fail(str(e))
+        sys.exit(1)
 
 
 server_opt = click.option(

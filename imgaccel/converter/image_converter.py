@@ -91,6 +91,7 @@ class ImageConverter:
 
     async def _load_platform(self, repo: str, desc: oci.Descriptor | None, manifest: Manifest) -> _PlatformImage:
         what = f"{self.client.registry}/{repo}@{manifest.digest}"
+        limits = self.options.limits
         if manifest.media_type not in oci.MANIFEST_TYPES:
             raise ConversionError(f"{what}: unsupported manifest media type {manifest.media_type!r}")
         try:
@@ -104,12 +105,19 @@ class ImageConverter:
             raise NotConvertible(f"{what}: not a container image (config media type {kind})")
         if parsed.annotations and li.ANN_MODE in parsed.annotations:
             raise NotConvertible(f"{what}: already an imgaccel {parsed.annotations[li.ANN_MODE]} image")
+        if len(parsed.layers) > limits.max_layers:
+            raise ConversionError(f"{what}: {len(parsed.layers)} layers, over the limit max_layers={limits.max_layers}")
         for layer in parsed.layers:
             try:
                 declared_encoding(layer.mediaType)
             except LayerError as e:
                 raise ConversionError(f"{what}: layer {layer.digest}: {e}") from None
-        cfg_bytes = await self.client.read_blob(repo, parsed.config.digest)
+        if parsed.config.size > limits.max_config_bytes:
+            raise ConversionError(
+                f"{what}: config {parsed.config.digest} is {parsed.config.size} bytes, "
+                f"over the limit max_config_bytes={limits.max_config_bytes}"
+            )
+        cfg_bytes = await self.client.read_blob(repo, parsed.config.digest, max_size=limits.max_config_bytes)
         try:
             config = oci.ImageConfig.model_validate_json(cfg_bytes)
         except ValueError:
@@ -125,18 +133,46 @@ class ImageConverter:
         )
         return _PlatformImage(manifest, parsed, platform, config)
 
+    async def _get_manifest(self, repo: str, reference: str) -> Manifest:
+        m = await self.client.get_manifest(repo, reference)
+        limit = self.options.limits.max_manifest_bytes
+        if len(m.data) > limit:
+            raise ConversionError(
+                f"{self.client.registry}/{repo}@{m.digest}: manifest is {len(m.data)} bytes, "
+                f"over the limit max_manifest_bytes={limit}"
+            )
+        return m
+
+    async def _platform_images(self, ref: ImageRef, index: Manifest, depth: int) -> list[_PlatformImage]:
+        """The runnable platform images an index lists, following nested indexes."""
+        limits = self.options.limits
+        what = f"{self.client.registry}/{ref.repository}@{index.digest}"
+        if depth > limits.max_index_depth:
+            raise ConversionError(f"{what}: indexes nest deeper than max_index_depth={limits.max_index_depth}")
+        parsed = oci.ImageIndex.model_validate_json(index.data)
+        if len(parsed.manifests) > limits.max_index_manifests:
+            raise ConversionError(
+                f"{what}: {len(parsed.manifests)} manifests, over the limit max_index_manifests="
+                f"{limits.max_index_manifests}"
+            )
+        images = []
+        for desc in parsed.manifests:
+            if desc.mediaType in oci.INDEX_TYPES:
+                nested = await self._get_manifest(ref.repository, desc.digest)
+                images += await self._platform_images(ref, nested, depth + 1)
+                continue
+            if desc.platform is None or desc.platform.os == "unknown":
+                continue  # attestations and other non-runnable entries
+            if not platform_matches(desc.platform, self.options.platforms):
+                continue
+            m = await self._get_manifest(ref.repository, desc.digest)
+            images.append(await self._load_platform(ref.repository, desc, m))
+        return images
+
     async def resolve(self, ref: ImageRef) -> tuple[Manifest, list[_PlatformImage]]:
-        top = await self.client.get_manifest(ref.repository, ref.reference)
+        top = await self._get_manifest(ref.repository, ref.reference)
         if top.media_type in oci.INDEX_TYPES:
-            index = oci.ImageIndex.model_validate_json(top.data)
-            images = []
-            for desc in index.manifests:
-                if desc.platform is None or desc.platform.os == "unknown":
-                    continue  # attestations and other non-runnable entries
-                if not platform_matches(desc.platform, self.options.platforms):
-                    continue
-                m = await self.client.get_manifest(ref.repository, desc.digest)
-                images.append(await self._load_platform(ref.repository, desc, m))
+            images = await self._platform_images(ref, top, 1)
             if not images:
                 raise ConversionError(f"{ref}: no platform manifest matches {list(self.options.platforms) or 'any'}")
             return top, images
@@ -154,6 +190,14 @@ class ImageConverter:
     ) -> oci.Descriptor:
         key = self.options.layer_key(mode)
         cached = await self.cache.lookup(key, layer.digest, repo)
+        if cached is not None and (cached.annotations or {}).get(li.ANN_LAYER_DIFF_ID) != diff_id:
+            if li.ANN_LAYER_DIFF_ID in (cached.annotations or {}):
+                raise ConversionError(
+                    f"layer {layer.digest}: uncompressed content hashes to "
+                    f"{(cached.annotations or {})[li.ANN_LAYER_DIFF_ID]}, but the config says {diff_id} "
+                    "(diff_ids out of order)"
+                )
+            cached = None  # recorded before diff_ids were recorded: convert (and verify) again
         if cached is not None:
             result.layers_reused += 1
             self.progress.on_layer_done(layer.digest, True)
@@ -229,17 +273,23 @@ class ImageConverter:
         what = f"layer {layer.digest}"
         try:
             with open(src, "rb") as f:
-                encoding = check_encoding(f, layer.mediaType)
+                encoding = check_encoding(f, layer.mediaType, what)
             if mode == "index":
                 try:
                     built = build_seekable_index(
-                        src, encoding, layer.digest, diff_id, self.options.span, self.options.gzip_threads
+                        src,
+                        encoding,
+                        layer.digest,
+                        self.options.span,
+                        self.options.gzip_threads,
+                        self.options.limits.tar(),
                     )
                 except NotSeekableError:
                     if self.options.fallback != "full":
                         raise
                     log.info("%s is not seekable; storing a full-mode copy for lazy reads", what)
                     return self._encode_full(src, tmp, layer, diff_id, encoding)
+                _check_diff_id(built.index, diff_id)
                 data = li.encode_index_blob(built.index, built.windows)
                 out = os.path.join(tmp, "index")
                 with open(out, "wb") as f:
@@ -248,7 +298,7 @@ class ImageConverter:
                     mediaType=li.INDEX_BLOB_MEDIA_TYPE,
                     digest=oci.sha256_digest(data),
                     size=len(data),
-                    annotations={li.ANN_LAYER_DIGEST: layer.digest},
+                    annotations={li.ANN_LAYER_DIGEST: layer.digest, li.ANN_LAYER_DIFF_ID: diff_id},
                 )
                 return desc, out
             return self._encode_full(src, tmp, layer, diff_id, encoding, on_output)
@@ -274,9 +324,9 @@ class ImageConverter:
             self.options.level,
             on_output=on_output,
             frame_size=self.options.frame_size,
+            limits=self.options.limits.tar(),
         )
-        if enc.index.diff_id != diff_id:
-            raise LayerError(f"uncompressed content hashes to {enc.index.diff_id}, but the config says {diff_id}")
+        _check_diff_id(enc.index, diff_id)
         media_type = oci.LAYER_ZSTD if self.options.compression == "zstd" else li.LAYER_LZ4
         desc = oci.Descriptor(
             mediaType=media_type,
@@ -284,6 +334,7 @@ class ImageConverter:
             size=enc.size,
             annotations={
                 li.ANN_LAYER_DIGEST: layer.digest,
+                li.ANN_LAYER_DIFF_ID: diff_id,
                 li.ANN_TOC_OFFSET: str(enc.toc_offset),
                 li.ANN_TOC_SIZE: str(enc.toc_size),
                 li.ANN_TOC_DIGEST: enc.toc_digest,
@@ -307,7 +358,11 @@ class ImageConverter:
     ) -> list[oci.Descriptor]:
         unique: dict[str, tuple[oci.Descriptor, str]] = {}  # a layer repeated in the image converts once
         for layer, diff_id in zip(image.parsed.layers, image.config.rootfs.diff_ids, strict=True):
-            unique.setdefault(layer.digest, (layer, diff_id))
+            first = unique.setdefault(layer.digest, (layer, diff_id))
+            if first[1] != diff_id:
+                raise ConversionError(
+                    f"layer {layer.digest} appears twice in the image, with diff_ids {first[1]} and {diff_id}"
+                )
         tasks = [self._convert_layer(repo, layer, diff_id, mode, result) for layer, diff_id in unique.values()]
         converted = dict(zip(unique, await asyncio.gather(*tasks), strict=True))
         out = [converted[layer.digest] for layer in image.parsed.layers]
@@ -430,6 +485,15 @@ class ImageConverter:
             and ann.get(li.ANN_FORMAT_VERSION) == str(li.FORMAT_VERSION)
         )
         return m.digest if same else None
+
+
+def _check_diff_id(index: li.LayerIndex, diff_id: str) -> None:
+    """The layer's uncompressed bytes must be the ones the config names at its position."""
+    if index.diff_id != diff_id:
+        raise LayerError(
+            f"uncompressed content hashes to {index.diff_id}, but the config says {diff_id} "
+            "(a corrupt layer, or diff_ids out of order)"
+        )
 
 
 def _index_bytes(manifests: list[oci.Descriptor], annotations: dict[str, str]) -> bytes:

@@ -19,6 +19,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+# What a store raises when it cannot read or write (the service answers 503 for these).
+STORE_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error,)
+
 JobState = Literal["queued", "running", "succeeded", "failed", "skipped"]
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "skipped"})
 
@@ -85,8 +88,10 @@ class JobStore(Protocol):
     def save(self, job: Job) -> None:
         """Persist every field of ``job`` (its tags are merged with the stored ones)."""
 
-    def requeue_running(self) -> int:
-        """After a crash: every running job goes back to queued. Returns how many."""
+    def requeue_running(self, max_attempts: int) -> tuple[int, int]:
+        """After a crash: running jobs go back to queued, except those that already had
+        ``max_attempts`` attempts, which fail (a job that stops the service each time must
+        not loop). Returns (requeued, failed)."""
 
     def counts(self) -> dict[str, int]: ...
 
@@ -98,10 +103,12 @@ class JobStore(Protocol):
 
     def deliveries(self, job_id: str) -> list[Delivery]: ...
 
-    def ping(self) -> None: ...
+    def ping(self) -> None:
+        """A write round trip: raises when the store cannot record jobs (for /readyz)."""
 
 
 _SCHEMA = """
+CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY, at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (
   id TEXT PRIMARY KEY,
   key TEXT UNIQUE NOT NULL,
@@ -235,12 +242,18 @@ class SQLiteJobStore:
             job.tags += [t for t in self._job(row[0]).tags if t not in job.tags]
         self._write(job)
 
-    def requeue_running(self) -> int:
+    def requeue_running(self, max_attempts: int) -> tuple[int, int]:
         jobs = [self._job(r[0]) for r in self._db.execute("SELECT body FROM jobs WHERE state = 'running'")]
+        failed = 0
         for job in jobs:
-            job.state, job.next_attempt_at = "queued", 0.0
+            if job.attempts >= max_attempts:
+                job.state, job.finished_at = "failed", time.time()
+                job.last_error = f"the service stopped during each of its {job.attempts} attempts"
+                failed += 1
+            else:
+                job.state, job.next_attempt_at = "queued", 0.0
             self._write(job)
-        return len(jobs)
+        return len(jobs) - failed, failed
 
     def counts(self) -> dict[str, int]:
         out = dict.fromkeys(("queued", "running", "succeeded", "failed", "skipped"), 0)
@@ -270,4 +283,4 @@ class SQLiteJobStore:
         return [Delivery(**json.loads(r[0])) for r in rows]
 
     def ping(self) -> None:
-        self._db.execute("SELECT 1").fetchone()
+        self._db.execute("INSERT OR REPLACE INTO probe (id, at) VALUES (1, ?)", (time.time(),))

@@ -1,16 +1,48 @@
-"""What a conversion produces: ``ConvertOptions`` and the defaults behind the CLI flags."""
+"""What a conversion produces: ``ConvertOptions`` and the defaults behind the CLI flags, and
+``ConversionLimits``: how much of each kind of input one conversion accepts."""
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from imgaccel.formats.layer_index import FORMAT_VERSION
+from imgaccel.indexer.limits import DEFAULT_TAR_LIMITS, TarLimits
 
 Mode = Literal["index", "full"]
 DEFAULT_SUFFIX: dict[str, str] = {"index": "_accelerated", "full": "_containerd_accelerated"}
 DEFAULT_CACHE_REPO = "imgaccel-cache"
+
+
+class ConversionLimits(BaseModel):
+    """Bounds on what an image may declare; exceeding one fails the conversion with a
+    one-line error naming the image, the layer and entry where there is one, and the limit.
+    Defaults, and why (the tar ones are explained in ``indexer.limits``):
+
+    * ``max_layers`` 128 per image: Docker refuses to build past 125, and overlayfs stacks
+      of that depth are already slow; an image of thousands of layers is an attack.
+    * ``max_index_depth`` 2: an index of platform manifests, or an index of such indexes.
+    * ``max_index_manifests`` 256 entries in one index: real indexes list a few platforms
+      plus attestations.
+    * ``max_manifest_bytes`` 4 MiB: distribution and containerd refuse larger manifests.
+    * ``max_config_bytes`` 8 MiB: configs carry env, labels and history, rarely over 100 KB.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    max_header_bytes: int = Field(default=DEFAULT_TAR_LIMITS.max_header_bytes, ge=512)
+    max_entries: int = Field(default=DEFAULT_TAR_LIMITS.max_entries, ge=1)
+    max_expansion: int = Field(default=DEFAULT_TAR_LIMITS.max_expansion, ge=1)
+    max_layers: int = Field(default=128, ge=1)
+    max_index_depth: int = Field(default=2, ge=1)
+    max_index_manifests: int = Field(default=256, ge=1)
+    max_manifest_bytes: int = Field(default=4 << 20, ge=1024)
+    max_config_bytes: int = Field(default=8 << 20, ge=1024)
+
+    def tar(self) -> TarLimits:
+        return TarLimits(self.max_header_bytes, self.max_entries, self.max_expansion)
 
 
 @dataclass(frozen=True)
@@ -28,6 +60,7 @@ class ConvertOptions:
     layer_jobs: int = 2  # layers of one image converted at once
     gzip_threads: int = 1  # index mode: parallel gzip inflate (2: ~20% faster, ~100 MB more memory)
     workdir: str | None = None  # temp files; default: the system temp dir
+    limits: ConversionLimits = field(default_factory=ConversionLimits)
 
     @property
     def suffix(self) -> str:

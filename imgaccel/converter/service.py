@@ -12,13 +12,15 @@ import asyncio
 import hmac
 import json
 import logging
+import sqlite3
 from collections import defaultdict
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from imgaccel.converter.events import EventError, parse_event_body
-from imgaccel.converter.job_store import TERMINAL, Job, JobStore, SQLiteJobStore
+from imgaccel.converter.job_store import STORE_ERRORS, TERMINAL, Job, JobStore, SQLiteJobStore
 from imgaccel.converter.metrics import ServiceMetrics
 from imgaccel.converter.notifier import Notifier
 from imgaccel.converter.openapi import OPENAPI
@@ -26,7 +28,7 @@ from imgaccel.converter.reconciler import Reconciler
 from imgaccel.converter.service_config import InboundAuth, ServiceConfig
 from imgaccel.converter.worker import JobRunner, RegistryClients, job_key
 from imgaccel.pusher.errors import RegistryError
-from imgaccel.pusher.reference import ReferenceError, is_loopback, parse_reference
+from imgaccel.pusher.reference import ReferenceError, is_loopback, parse_reference, show
 
 log = logging.getLogger(__name__)
 EVENT_CONTENT_TYPES = (
@@ -82,7 +84,10 @@ class Service:
             q.put_nowait(snapshot)
 
     def _registry_for(self, host: str | None) -> str | None:
-        """The configured registry an event names; None when it is not ours to contact."""
+        """The configured registry an event names; None when it is not ours to contact.
+
+        ``host`` has passed the strict ``host[:port]`` parse (events.py, parse_reference);
+        ``is_loopback`` parses it again and raises rather than answer for anything else."""
         endpoints = [r.endpoint for r in self.config.registries]
         if host and host in endpoints:
             return host
@@ -166,12 +171,20 @@ class Service:
             return denied
         try:
             body = await request.json()
-            ref = parse_reference(str(body["reference"]))
-        except (ValueError, KeyError, TypeError, ReferenceError) as e:
-            return _error(400, f'expected {{"reference": "host/repo:tag"}}: {e}')
-        registry = self._registry_for(ref.registry) or (ref.registry if not self.config.registries else None)
+        except ValueError as e:
+            return _error(400, f'expected {{"reference": "host/repo:tag"}}: the body is not JSON: {e}')
+        text = body.get("reference") if isinstance(body, dict) else None
+        if not isinstance(text, str):
+            return _error(400, f'expected {{"reference": "host/repo:tag"}}: reference: {show(text)} is not a string')
+        try:
+            ref = parse_reference(text)
+        except ReferenceError as e:
+            return _error(400, f"reference: {e}")
+        registry = self._registry_for(ref.registry)
         if registry is None:
-            return _error(400, f"{ref.registry} is not a configured registry")
+            if self.config.registries:
+                return _error(400, f"reference: {ref.registry} is not a configured registry")
+            return _error(400, f"reference: {ref.registry} is not on loopback (no 'registries:' configured)")
         try:
             client = await self.clients.get(registry)
             digest = ref.digest or await client.manifest_exists(ref.repository, ref.reference)
@@ -230,7 +243,7 @@ class Service:
         try:
             self.store.ping()
         except Exception as e:
-            problems.append(f"store: {e}")
+            problems.append(f"job store cannot write: {e}")
         for reg in self.config.registries:
             try:
                 client = await self.clients.get(reg.endpoint)
@@ -239,7 +252,9 @@ class Service:
                         problems.append(f"{reg.endpoint}: /v2/ answered {resp.status}")
             except Exception as e:
                 problems.append(f"{reg.endpoint}: {type(e).__name__}: {e}")
-        return web.json_response({"ready": not problems, "problems": problems}, status=503 if problems else 200)
+        if problems:
+            return web.json_response({"ready": False, "error": "; ".join(problems), "problems": problems}, status=503)
+        return web.json_response({"ready": True, "problems": []})
 
     async def metrics_handler(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
@@ -249,8 +264,17 @@ class Service:
 
     # -- lifecycle -----------------------------------------------------------------------
 
+    @web.middleware
+    async def _store_errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """A job store that cannot write answers 503 with one JSON error, never a 500."""
+        try:
+            return await handler(request)
+        except STORE_ERRORS as e:
+            log.error("%s %s: job store: %s", request.method, request.path, e)
+            return _error(503, f"job store unavailable: {e}")
+
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.config.max_body)
+        app = web.Application(client_max_size=self.config.max_body, middlewares=[self._store_errors])
         app.router.add_post("/events", self.events)
         app.router.add_get("/api/v1/jobs", self.list_jobs)
         app.router.add_post("/api/v1/jobs", self.create_job)
@@ -277,8 +301,16 @@ class Service:
         await self.clients.close()
 
 
+class ServiceStartError(Exception):
+    """The service cannot start (e.g. its data_dir cannot hold the job store); one line."""
+
+
 def serve(config: ServiceConfig) -> None:
     host, port = config.host_port
-    service = Service(config)
+    try:
+        service = Service(config)
+    except (OSError, sqlite3.Error) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ServiceStartError(f"data_dir {config.data_dir}: cannot keep the job store there: {reason}") from e
     log.info("imgaccel serve on %s:%d, data in %s", host, port, config.data_dir)
     web.run_app(service.app(), host=host, port=port, print=lambda *_: None, access_log=None)

@@ -10,18 +10,28 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from imgaccel.converter.options import DEFAULT_SUFFIX, ConvertOptions
+from imgaccel.converter.options import DEFAULT_SUFFIX, ConversionLimits, ConvertOptions
 from imgaccel.pusher.auth import Credentials, load_docker_credentials
 from imgaccel.pusher.client import RetryPolicy
-from imgaccel.pusher.reference import is_loopback
+from imgaccel.pusher.reference import ReferenceError, check_registry_host, check_repository, is_loopback
 
-_REFERRERS_TAG = re.compile(r"^sha256-[0-9a-f]{64}$")  # OCI 1.1 tag-schema referrers indexes
+_REFERRERS_TAG = re.compile(r"(?:sha256|sha512)-[0-9a-f]{64}")  # OCI 1.1 tag-schema referrers indexes
+_TAG_SUFFIX = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def _strictly(check: Callable[[object, str | None], str], value: object) -> str:
+    """Run a strict reference check as a pydantic validator (its message, one line)."""
+    try:
+        return check(value, None)
+    except ReferenceError as e:
+        raise ValueError(str(e)) from None
 
 
 class _Strict(BaseModel):
@@ -59,6 +69,11 @@ class RegistryConfig(_Strict):
     max_connections: int = Field(default=8, ge=1, le=256)
     repositories: list[str] = ["*"]  # globs the reconciler lists tags of
 
+    @field_validator("endpoint")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        return _strictly(check_registry_host, v)
+
     def credentials(self) -> Credentials | None:
         if self.username:
             return Credentials(self.username, self.password.get() if self.password else "")
@@ -86,6 +101,13 @@ class Rule(_Strict):
             raise ValueError(f"invalid regex: {e}") from e
         return v
 
+    @field_validator("tag_suffix")
+    @classmethod
+    def _suffix(cls, v: str | None) -> str | None:
+        if v is not None and not _TAG_SUFFIX.fullmatch(v):
+            raise ValueError(f"invalid tag suffix {v!r}: expected 1 to 64 of [A-Za-z0-9._-]")
+        return v
+
     def matches(self, repository: str, tag: str | None) -> bool:
         return fnmatch.fnmatchcase(repository, self.repository) and re.fullmatch(self.tag, tag or "") is not None
 
@@ -93,13 +115,14 @@ class Rule(_Strict):
     def suffix(self) -> str:
         return self.tag_suffix if self.tag_suffix is not None else DEFAULT_SUFFIX[self.mode]
 
-    def options(self, cache_repo: str | None) -> ConvertOptions:
+    def options(self, cache_repo: str | None, limits: ConversionLimits | None = None) -> ConvertOptions:
         return ConvertOptions(
             mode=self.mode,
             compression=self.compression,
             tag_suffix=self.tag_suffix,
             platforms=tuple(self.platforms),
             cache_repo=cache_repo,
+            limits=limits or ConversionLimits(),
         )
 
 
@@ -111,6 +134,14 @@ class RetryConfig(_Strict):
 
     def request_policy(self) -> RetryPolicy:
         return RetryPolicy(attempts=self.request_attempts)
+
+
+class IsolationConfig(_Strict):
+    """Each job converts in a child process held to these limits (``converter.isolated_job``)."""
+
+    enabled: bool = True  # false: convert inside the service process (debugging only)
+    memory_limit: int = Field(default=4 << 30, ge=256 << 20)  # bytes of address space (RLIMIT_AS)
+    timeout: float = Field(default=3600.0, gt=0)  # seconds of wall-clock time per attempt
 
 
 class InboundAuth(_Strict):
@@ -146,6 +177,13 @@ class ServiceConfig(_Strict):
     retry: RetryConfig = RetryConfig()
     reconcile_interval: float = Field(default=300.0, ge=0)  # seconds; 0 turns the reconciler off
     webhooks: list[WebhookConfig] = []
+    limits: ConversionLimits = ConversionLimits()  # what one image may declare
+    isolation: IsolationConfig = IsolationConfig()
+
+    @field_validator("cache_repo")
+    @classmethod
+    def _cache_repo(cls, v: str | None) -> str | None:
+        return None if v is None else _strictly(check_repository, v)
 
     def registry(self, endpoint: str) -> RegistryConfig:
         for r in self.registries:
@@ -155,7 +193,7 @@ class ServiceConfig(_Strict):
 
     def rule_for(self, repository: str, tag: str | None) -> Rule | None:
         """The first matching rule, or None (no rule, a disabled rule, or our own output tag)."""
-        if tag and (any(tag.endswith(r.suffix) for r in self.rules) or _REFERRERS_TAG.match(tag)):
+        if tag and (any(tag.endswith(r.suffix) for r in self.rules) or _REFERRERS_TAG.fullmatch(tag)):
             return None
         for rule in self.rules:
             if rule.matches(repository, tag):

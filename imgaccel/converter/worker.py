@@ -1,7 +1,10 @@
 """Workers: take queued jobs from the store and run ``ImageConverter`` on them.
 
-A failed attempt is retried with exponential backoff and jitter up to the configured number of
-attempts; ``NotConvertible`` images (Helm charts, signatures, our own output) are ``skipped``.
+Each attempt converts in a child process held to the configured memory and time limits
+(``isolated_job``). A failed attempt is retried with exponential backoff and jitter up to the
+configured number of attempts, except one that broke those limits: it fails at once, as does a
+job the service was stopped in the middle of too often (a restart never loops on a poisoned
+job). ``NotConvertible`` images (Helm charts, signatures, our own output) are ``skipped``.
 Progress is kept on the job and published to live watchers. The converter pushes the tag last,
 so a worker killed at any moment leaves no tag on a half-pushed image, and the job, still
 ``running`` in the store, is requeued when the service starts again.
@@ -18,13 +21,21 @@ from contextlib import AsyncExitStack, suppress
 
 from imgaccel.converter.errors import ConversionError, NotConvertible
 from imgaccel.converter.image_converter import ImageConverter, Progress
+from imgaccel.converter.isolated_job import (
+    ConversionLimitError,
+    IsolatedResult,
+    JobRequest,
+    options_to_wire,
+    run_isolated,
+)
 from imgaccel.converter.job_store import Job, JobStore
 from imgaccel.converter.metrics import ServiceMetrics
+from imgaccel.converter.options import ConvertOptions
 from imgaccel.converter.service_config import Rule, ServiceConfig
 from imgaccel.formats.layer_index import FORMAT_VERSION
 from imgaccel.pusher.client import RegistryClient
 from imgaccel.pusher.errors import RegistryError
-from imgaccel.pusher.reference import ImageRef
+from imgaccel.pusher.reference import ImageRef, ReferenceError
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +94,11 @@ class JobRunner:
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        requeued = self.store.requeue_running()
+        requeued, failed = self.store.requeue_running(self.config.retry.attempts)
         if requeued:
             log.warning("resuming %d job(s) that were running when the service stopped", requeued)
+        if failed:
+            log.warning("%d job(s) failed: the service stopped during each of their attempts", failed)
         self._tasks = [
             asyncio.create_task(self._loop(i), name=f"imgaccel-worker-{i}") for i in range(self.config.workers)
         ]
@@ -112,25 +125,54 @@ class JobRunner:
                 log.exception("job %s: unexpected error", job.id)
                 self._retry_or_fail(job, "internal error (see the service log)")
 
+    async def _convert(self, job: Job, ref: ImageRef, options: ConvertOptions, progress: Progress) -> IsolatedResult:
+        isolation = self.config.isolation
+        if not isolation.enabled:
+            client = await self.clients.get(job.registry)
+            r = await ImageConverter(client, options, progress).convert(ref)
+            return IsolatedResult(r.target, r.digest, r.layers_converted, r.layers_reused, r.bytes_in, r.bytes_out,
+                                  r.size_before, r.size_after)  # fmt: skip
+        reg = self.config.registry(job.registry)
+        credentials = reg.credentials()
+        request = JobRequest(
+            registry=job.registry,
+            repository=ref.repository,
+            tag=ref.tag,
+            digest=ref.digest,
+            plain_http=reg.use_plain_http(),
+            username=credentials.username if credentials else None,
+            password=credentials.password if credentials else None,
+            request_attempts=self.config.retry.request_attempts,
+            max_connections=reg.max_connections,
+            options=options_to_wire(options),
+            memory_limit=isolation.memory_limit,
+            log_level=logging.getLogger().getEffectiveLevel(),
+        )
+        return await run_isolated(request, isolation.timeout, progress, job.id)
+
     async def _run(self, job: Job) -> None:
         self.publish(job)
-        options = Rule.model_validate(job.options).options(self.config.cache_repo)
         started = time.monotonic()
         progress = _JobProgress(job, self.store, self.publish)
-        client = await self.clients.get(job.registry)
-        converter = ImageConverter(client, options, progress.callbacks())
         first_tag = job.tags[0] if job.tags else None
+        rule = Rule.model_validate(job.options)
         try:
-            result = await converter.convert(ImageRef(job.registry, job.repository, tag=first_tag, digest=job.digest))
+            ref = ImageRef(job.registry, job.repository, tag=first_tag, digest=job.digest)
+            options = rule.options(self.config.cache_repo, self.config.limits)
+            result = await self._convert(job, ref, options, progress.callbacks())
+            client = await self.clients.get(job.registry)
             done = {first_tag}
             while pending := [t for t in self._stored_tags(job) if t not in done]:  # tags that arrived meanwhile
                 for tag in pending:
-                    await _retag(client, job, result.digest, f"{tag}{options.suffix}")
+                    await _retag(client, job, result.digest, f"{tag}{rule.suffix}")
                     done.add(tag)
         except NotConvertible as e:
             job.state, job.skip_reason, job.finished_at = "skipped", str(e), time.time()
             self.store.save(job)
             self.publish(job)
+            return
+        except (ConversionLimitError, ReferenceError) as e:  # retrying cannot help
+            self._fail(job, str(e))
             return
         except (ConversionError, RegistryError, OSError) as e:
             self._retry_or_fail(job, str(e))
@@ -161,8 +203,11 @@ class JobRunner:
             self.store.save(job)
             self.publish(job)
             return
-        job.state, job.finished_at = "failed", time.time()
-        log.warning("job %s failed after %d attempts: %s", job.id, job.attempts, error)
+        self._fail(job, error)
+
+    def _fail(self, job: Job, error: str) -> None:
+        job.state, job.finished_at, job.last_error = "failed", time.time(), error
+        log.warning("job %s failed after %d attempt(s): %s", job.id, job.attempts, error)
         self.store.save(job)
         self.publish(job)
         self.on_finished(job)
