@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import posixpath
 import stat as statmod
 import sys
 from collections.abc import Awaitable, Callable
@@ -15,18 +16,20 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from imgaccel.converter.options import DEFAULT_CACHE_REPO, ConvertOptions
+from imgaccel.converter.options import DEFAULT_CACHE_REPO, ConversionLimits, ConvertOptions
 from imgaccel.formats import layer_index as li
 from imgaccel.formats import oci
 from imgaccel.pusher.client import RegistryClient
 from imgaccel.pusher.reference import ImageRef
 from imgaccel.snapshotter.accelerated_image import AcceleratedImage, ImageOpenError, open_image
+from imgaccel.snapshotter.merged_view import BrokenHardlink, PathError
 
 if TYPE_CHECKING:  # the conversion pipeline and progress bars are imported by the commands that use them
     from imgaccel.converter.image_converter import ConvertResult
 
-from .common import FAILURES, SizeParam, describe, err, fail, parse_ref, registry_client, run_command
+from .common import FAILURES, LimitParam, SizeParam, describe, err, fail, parse_ref, registry_client, run_command
 from .mount_commands import cache, mount, prefetch, record, umount
+from .quoting import shell_escape
 from .service_commands import jobs, serve
 
 
@@ -73,11 +76,13 @@ platform_opt = click.option("--platform", help="os/arch[/variant] to read (defau
 )
 @click.option("--no-cache", is_flag=True, help="Do not look up or record converted layers.")
 @click.option("--workdir", type=click.Path(file_okay=False), help="Directory for temporary files.")
+@click.option("--limit", "limits", type=LimitParam(), multiple=True,
+              help="Change one input limit, e.g. max_header_bytes=4MiB (repeatable; see README).")  # fmt: skip
 @plain_http_opt
 def convert(refs: tuple[str, ...], mode: str, from_file: Any, jobs: int, tag_suffix: str | None, compression: str,
             level: int | None, chunk_size: int, frame_size: int, span: int, fallback: str, gzip_threads: int,
             platforms: tuple[str, ...], cache_repo: str, no_cache: bool, workdir: str | None,
-            plain_http: bool) -> None:  # fmt: skip
+            limits: tuple[tuple[str, int], ...], plain_http: bool) -> None:  # fmt: skip
     """Convert images; prints 'SOURCE -> TARGET@DIGEST' per image."""
     texts = list(refs)
     if from_file:
@@ -98,9 +103,17 @@ def convert(refs: tuple[str, ...], mode: str, from_file: Any, jobs: int, tag_suf
         platforms=platforms,
         cache_repo=None if no_cache else cache_repo,
         workdir=workdir,
+        limits=conversion_limits(limits),
     )
     ok = asyncio.run(_convert_all(parsed, options, jobs, plain_http))
     sys.exit(0 if ok else 1)
+
+
+def conversion_limits(pairs: tuple[tuple[str, int], ...]) -> ConversionLimits:
+    try:
+        return ConversionLimits(**dict(pairs))
+    except ValueError as e:
+        raise click.UsageError(f"--limit: {describe(e)}") from None
 
 
 async def _convert_all(refs: list[ImageRef], options: ConvertOptions, jobs: int, plain_http: bool) -> bool:
@@ -193,22 +206,39 @@ _TYPE_CHAR = {"dir": "d", "symlink": "l", "reg": "-", "hardlink": "-", "char": "
 @plain_http_opt
 @platform_opt
 def ls(ref: str, path: str, long: bool, plain_http: bool, platform: str | None) -> None:
-    """List a directory of the image's merged filesystem."""
+    """List a directory of the image's merged filesystem. Names are quoted as by GNU
+    ``ls --quoting-style=shell-escape``. An entry whose bytes cannot be found (a hardlink to a
+    missing target) is listed with size ``?`` and named on stderr; the exit code is then 1."""
 
     async def go(image: AcceleratedImage, client: RegistryClient) -> int:
         _, node = image.view.lookup(path, True)
-        names = image.listdir(path) if node.entry.type == "dir" else [path.rstrip("/").rsplit("/", 1)[-1]]
-        children = node.children if node.entry.type == "dir" else {names[0]: node}
-        for name in names:
-            e = children[name].entry
+        if node.entry.type == "dir":
+            children, where = node.children, "/" + path.strip("/")
+        else:
+            children, where = {path.rstrip("/").rsplit("/", 1)[-1]: node}, ""
+        code = 0
+        for name in sorted(children):
+            child = children[name]
+            e = child.entry
+            shown = shell_escape(name)
             if not long:
-                click.echo(name + ("/" if e.type == "dir" else ""))
+                click.echo(shown + ("/" if e.type == "dir" else ""))
                 continue
-            size = image.view.data_entry(children[name]).size if e.type in ("reg", "hardlink") else 0
+            size = "0"
+            if e.type in ("reg", "hardlink"):
+                try:
+                    size = str(image.view.data_entry(child).size)
+                except PathError as ex:
+                    size, code = "?", 1
+                    full = posixpath.join(where, name) if where else path
+                    why = str(ex)
+                    if isinstance(ex, BrokenHardlink):
+                        why = f"hardlink target {shell_escape(e.linkname)} {ex.reason}"
+                    fail(f"{shell_escape(full)}: {why}")
             mode = _TYPE_CHAR[e.type] + statmod.filemode(e.mode)[1:]
-            link = f" -> {e.linkname}" if e.type == "symlink" else ""
-            click.echo(f"{mode} {e.uid:>5} {e.gid:>5} {size:>12} {name}{link}")
-        return 0
+            link = f" -> {shell_escape(e.linkname)}" if e.type == "symlink" else ""
+            click.echo(f"{mode} {e.uid:>5} {e.gid:>5} {size:>12} {shown}{link}")
+        return code
 
     _with_image(ref, plain_http, platform, go)
 

@@ -1,14 +1,23 @@
-"""``imgaccel mount`` / ``umount``: serve an accelerated image as a read-only FUSE filesystem."""
+"""``imgaccel mount`` / ``umount``: serve an accelerated image as a read-only FUSE filesystem.
+
+Before mounting, the mountpoint is checked: a FUSE mount left dead by a killed daemon (``stat``
+fails with ENOTCONN) is detached, with a log line, instead of being stacked on; a live mount of
+anything at that path is refused with a one-line error saying what to run.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
+import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +32,7 @@ if TYPE_CHECKING:
 from .common import FAILURES, describe, err, fail, parse_ref, parse_size, registry_client, run_command
 
 log = logging.getLogger(__name__)
+_MAX_DEAD_MOUNTS = 16  # dead mounts stacked on one path that ``mount`` detaches before giving up
 
 
 def default_cache_dir() -> Path:
@@ -30,9 +40,102 @@ def default_cache_dir() -> Path:
     return Path(base) / "imgaccel" / "chunks"
 
 
+class MountpointError(Exception):
+    """The mountpoint cannot be used; the message names it, says why and what to run."""
+
+
+def _absolute(mountpoint: str) -> str:
+    """The absolute path without touching the last component (a dead mount fails ``stat``)."""
+    path = os.path.abspath(mountpoint)
+    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+
+
+def mounts_at(path: str) -> list[str]:
+    """The filesystem types mounted at ``path``, bottom first (from /proc/self/mountinfo)."""
+    found = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields, _, rest = line.partition(" - ")
+            parts = fields.split(" ")
+            if len(parts) < 5:
+                continue
+            where = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), parts[4])  # \040 is a space
+            if where == path:
+                found.append(rest.split(" ", 1)[0])
+    return found
+
+
+def _detach(path: str) -> str | None:
+    """Lazily unmount the topmost mount at ``path``; None on success, else the tool's complaint."""
+    tool = shutil.which("fusermount3")
+    args = [tool, "-u", "-z", path] if tool else ["umount", "-l", path]
+    try:
+        result = subprocess.run(args, capture_output=True, text=True)
+    except OSError as e:
+        return f"{args[0]}: {e.strerror}"
+    return None if result.returncode == 0 else (result.stderr.strip() or f"{args[0]} exited {result.returncode}")
+
+
+def _fuse_answers(path: str, timeout: float = 5.0) -> bool | None:
+    """Whether the FUSE daemon behind ``path`` answers: ``statfs`` always goes to it (a plain
+    ``stat`` may be served from attributes the kernel cached before the daemon died). False:
+    the connection is gone (ENOTCONN); None: no answer within ``timeout`` (a hung daemon)."""
+    answer: list[bool] = []
+
+    def probe() -> None:
+        try:
+            os.statvfs(path)
+            answer.append(True)
+        except OSError as e:
+            answer.append(e.errno != errno.ENOTCONN)
+
+    thread = threading.Thread(target=probe, name="statfs-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return answer[0] if answer else None
+
+
+def prepare_mountpoint(mountpoint: str) -> None:
+    """Make sure a new mount at ``mountpoint`` is the only one there: detach FUSE mounts left
+    dead by a killed daemon (logged), refuse any live mount. Raises ``MountpointError``."""
+    path = _absolute(mountpoint)
+    for _ in range(_MAX_DEAD_MOUNTS):
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            if e.errno != errno.ENOTCONN:
+                raise MountpointError(f"{mountpoint}: cannot use as a mountpoint: {e.strerror}") from None
+        else:
+            if not stat.S_ISDIR(st.st_mode):
+                raise MountpointError(f"{mountpoint}: cannot use as a mountpoint: not a directory")
+            mounted = mounts_at(path)
+            if not mounted:
+                return
+            top = mounted[-1]
+            answers = _fuse_answers(path) if top.startswith("fuse") else True
+            if answers is None:
+                raise MountpointError(
+                    f"{mountpoint}: the {top} filesystem mounted here does not answer; "
+                    f"run 'fusermount3 -u -z {path}' (or stop its daemon) first"
+                )
+            if answers:
+                raise MountpointError(
+                    f"{mountpoint}: a {top} filesystem is already mounted here; "
+                    f"unmount it first (imgaccel umount {path})"
+                )
+        log.warning("%s: a FUSE mount whose daemon is gone is in the way; detaching it", mountpoint)
+        problem = _detach(path)
+        if problem:
+            raise MountpointError(
+                f"{mountpoint}: a dead FUSE mount is in the way and detaching it failed ({problem}); "
+                f"run 'fusermount3 -u -z {path}'"
+            )
+    raise MountpointError(f"{mountpoint}: more than {_MAX_DEAD_MOUNTS} dead FUSE mounts are stacked here")
+
+
 @click.command()
 @click.argument("ref")
-@click.argument("mountpoint", type=click.Path(file_okay=False, exists=True))
+@click.argument("mountpoint", type=click.Path(file_okay=False))
 @click.option("--platform", help="os/arch[/variant] to mount (default: this machine's).")
 @click.option("--plain-http", is_flag=True, help="Speak HTTP, not HTTPS, to the registry.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=default_cache_dir,
@@ -64,6 +167,11 @@ def mount(ref: str, mountpoint: str, platform: str | None, plain_http: bool, cac
         rate = parse_size(background_rate) if background_rate else 0
     except ValueError:
         raise click.UsageError("--cache-size / --fetch-gap / --background-fetch: not a size (e.g. 10GiB)") from None
+    try:
+        prepare_mountpoint(mountpoint)
+    except MountpointError as e:
+        fail(str(e))
+        sys.exit(1)
     cache = ChunkCache(cache_dir, limit)
     if daemon and _daemonize(mountpoint, pid_file, log_file):
         return  # the parent: the mount is up; the forked child serves it
@@ -166,13 +274,21 @@ def _daemonize(mountpoint: str, pid_file: Path | None, log_file: Path | None) ->
 
 
 @click.command()
-@click.argument("mountpoint", type=click.Path(file_okay=False, exists=True))
+@click.argument("mountpoint", type=click.Path(file_okay=False))
 def umount(mountpoint: str) -> None:
-    """Unmount an imgaccel mount."""
+    """Unmount an imgaccel mount (lazily if its daemon is gone)."""
     tool = shutil.which("fusermount3") or shutil.which("umount")
     if tool is None:
         raise click.ClickException("neither fusermount3 nor umount is installed")
-    args = [tool, "-u", mountpoint] if tool.endswith("fusermount3") else [tool, mountpoint]
+    lazy: list[str] = []
+    try:
+        os.stat(mountpoint)
+    except OSError as e:
+        if e.errno != errno.ENOTCONN:
+            raise click.ClickException(f"{mountpoint}: {e.strerror}") from None
+    if _fuse_answers(_absolute(mountpoint)) is False:  # a dead mount (its daemon was killed)
+        lazy = ["-z"] if tool.endswith("fusermount3") else ["-l"]
+    args = [tool, "-u", *lazy, mountpoint] if tool.endswith("fusermount3") else [tool, *lazy, mountpoint]
     result = subprocess.run(args, capture_output=True, text=True)
     if result.returncode != 0:
         raise click.ClickException(f"{mountpoint}: {result.stderr.strip() or 'unmount failed'}")

@@ -5,6 +5,9 @@ components dropped and ``..`` resolved lexically; an entry whose name climbs abo
 left out of the view (it stays in the index as data, but nothing can reach it). Per the OCI
 image spec, ``.wh.NAME`` deletes NAME from lower layers and ``.wh..wh..opq`` hides everything
 lower layers put in its directory. Symlinks are resolved inside the image root only.
+A hardlink's bytes are those of the regular file it names in its own layer, following links
+to links (at most ``MAX_HARDLINK_HOPS``); a hardlink whose target is missing, climbs above the
+root, is not a regular file or loops raises ``BrokenHardlink`` for that entry alone.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ log = logging.getLogger(__name__)
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 MAX_SYMLINK_HOPS = 40
+MAX_HARDLINK_HOPS = 40
 
 
 def normalize_path(name: str) -> str | None:
@@ -51,6 +55,16 @@ class PathError(OSError):
     """A path that does not exist, is not a directory, or loops."""
 
 
+class BrokenHardlink(PathError):
+    """A hardlink entry whose bytes cannot be found: ``reason`` says why (no entry names the
+    target in its layer, the target climbs above the root, is not a regular file, or the chain
+    of links loops)."""
+
+    def __init__(self, layer: int, entry: Entry, reason: str) -> None:
+        super().__init__(f"{entry.name!r}: hardlink target {entry.linkname!r} {reason}")
+        self.layer, self.entry, self.reason = layer, entry, reason
+
+
 def _implied_dir(name: str) -> Entry:
     return Entry(name=name, type="dir", mode=0o755)
 
@@ -58,7 +72,8 @@ def _implied_dir(name: str) -> Entry:
 class MergedView:
     def __init__(self, layers: list[list[Entry]]) -> None:
         self.root = Node(_implied_dir(""), -1)
-        # Per layer: normalized path -> regular-file entry (hardlink targets resolve here).
+        # Per layer: normalized path -> the layer's last entry of that name (hardlink targets
+        # resolve here, as a tar extractor links to what it extracted last under that name).
         self.layer_files: list[dict[str, Entry]] = []
         self.ignored: list[str] = []  # entry names that escape the root
         for i, entries in enumerate(layers):
@@ -74,8 +89,7 @@ class MergedView:
                 log.warning("layer %d: entry %r escapes the root; ignored", i, e.name)
                 continue
             placed.append((path, e))
-            if e.type == "reg":
-                files[path] = e
+            files[path] = e
         self.layer_files.append(files)
         # Whiteouts act on lower layers only: apply them before this layer's entries.
         for path, _ in placed:
@@ -197,16 +211,28 @@ class MergedView:
         return "/".join(resolved), node
 
     def data_entry(self, node: Node) -> Entry:
-        """The regular-file entry holding a node's bytes (follows hardlinks in its layer)."""
+        """The regular-file entry holding a node's bytes (follows hardlinks, and hardlinks to
+        hardlinks, in its layer). Raises ``BrokenHardlink`` when there is none."""
         e = node.entry
-        if e.type == "hardlink":
+        if e.type == "reg":
+            return e
+        if e.type != "hardlink":
+            raise PathError(f"{e.name!r}: not a regular file")
+        files = self.layer_files[node.layer] if 0 <= node.layer < len(self.layer_files) else {}
+        seen: set[str] = set()
+        while e.type == "hardlink":
             target = normalize_path(e.linkname)
-            found = self.layer_files[node.layer].get(target) if target is not None else None
+            if target is None:
+                raise BrokenHardlink(node.layer, node.entry, "is not in its layer (it climbs above the root)")
+            if target in seen or len(seen) >= MAX_HARDLINK_HOPS:
+                raise BrokenHardlink(node.layer, node.entry, "is part of a loop of hardlinks")
+            seen.add(target)
+            found = files.get(target)
             if found is None:
-                raise PathError(f"{e.name}: hardlink target {e.linkname!r} is not in its layer")
-            return found
+                raise BrokenHardlink(node.layer, node.entry, "is not in its layer")
+            e = found
         if e.type != "reg":
-            raise PathError(f"{e.name}: not a regular file")
+            raise BrokenHardlink(node.layer, node.entry, f"is not a regular file (it is a {e.type})")
         return e
 
     def walk(self) -> list[tuple[str, Node]]:
