@@ -18,8 +18,10 @@ def push_image(
     diff_ids: list[str] | None = None,
     config_media_type: str = oci.OCI_CONFIG,
     config: bytes | None = None,
+    size_delta: int = 0,
 ) -> str:
-    """Upload blobs, then the manifest by tag; returns the manifest digest."""
+    """Upload blobs, then the manifest by tag; returns the manifest digest. ``size_delta`` is
+    added to every layer descriptor's size (a manifest that lies about its blobs)."""
     if config is None:
         config = json.dumps(
             {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": diff_ids or []}}
@@ -34,7 +36,7 @@ def push_image(
                 "schemaVersion": 2,
                 "mediaType": oci.OCI_MANIFEST,
                 "config": {"mediaType": config_media_type, "digest": sha256(config), "size": len(config)},
-                "layers": [{"mediaType": mt, "digest": sha256(b), "size": len(b)} for mt, b in layers],
+                "layers": [{"mediaType": mt, "digest": sha256(b), "size": len(b) + size_delta} for mt, b in layers],
             }
             data = json.dumps(manifest).encode()
             return await client.put_manifest(repo, tag, data, oci.OCI_MANIFEST)

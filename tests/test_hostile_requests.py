@@ -41,6 +41,7 @@ from imgaccel.pusher.reference import (
     parse_registry_host,
 )
 from tests.helpers import sha256
+from tests.raw_push import push_image
 from tests.registry import Registry, start_registry
 from tests.service import ServiceProcess, make_service
 from tests.test_bad_input import assert_fails_cleanly
@@ -645,31 +646,6 @@ def test_client_stays_on_the_registry(registry: Registry, listener: Listener) ->
 
 
 # -- a layer whose descriptor lies about its size ----------------------------------------
-
-
-def push_image(
-    host: str, repo: str, tag: str, layers: list[tuple[str, bytes]], diff_ids: list[str] | None = None,
-    size_delta: int = 0,
-) -> str:  # fmt: skip
-    """Upload blobs, then a manifest (written here) whose layer sizes are off by ``size_delta``."""
-    config = json.dumps(
-        {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": diff_ids or []}}
-    ).encode()
-
-    async def go() -> str:
-        async with RegistryClient(host) as client:
-            for _, blob in layers:
-                await client.upload_blob(repo, sha256(blob), blob)
-            await client.upload_blob(repo, sha256(config), config)
-            manifest = {
-                "schemaVersion": 2,
-                "mediaType": oci.OCI_MANIFEST,
-                "config": {"mediaType": oci.OCI_CONFIG, "digest": sha256(config), "size": len(config)},
-                "layers": [{"mediaType": mt, "digest": sha256(b), "size": len(b) + size_delta} for mt, b in layers],
-            }
-            return await client.put_manifest(repo, tag, json.dumps(manifest).encode(), oci.OCI_MANIFEST)
-
-    return asyncio.run(go())
 
 
 @pytest.mark.parametrize("delta", [5678, -100])
