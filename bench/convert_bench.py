@@ -32,7 +32,7 @@ from pathlib import Path
 from imgaccel.formats import oci
 from imgaccel.pusher.client import RegistryClient
 from imgaccel.pusher.reference import parse_reference
-from imgaccel.snapshotter.accelerated_image import open_image
+from imgaccel.reader.accelerated_image import open_image
 from tests.registry import start_registry
 
 ROOT = Path(__file__).resolve().parent.parent

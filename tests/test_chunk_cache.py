@@ -12,8 +12,8 @@ import pytest
 from fixtures.build_images import Member, real_bytes, tar_bytes
 from imgaccel.indexer.full_encoder import encode_full_layer
 from imgaccel.indexer.seekable_index import build_seekable_index
-from imgaccel.snapshotter.chunk_cache import ChunkCache
-from imgaccel.snapshotter.layer_reader import ChunkReadError, FetchSlots, LayerReader
+from imgaccel.reader.chunk_cache import ChunkCache
+from imgaccel.reader.layer_reader import ChunkReadError, FetchSlots, LayerReader
 from tests.helpers import sha256
 
 
@@ -216,7 +216,7 @@ def test_index_mode_fetches_only_the_blocks_a_read_needs(tmp_path: Path, tar: by
 def test_index_mode_short_prefix_estimate_is_topped_up(
     tmp_path: Path, tar: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import imgaccel.snapshotter.layer_reader as layer_reader
+    import imgaccel.reader.layer_reader as layer_reader
 
     monkeypatch.setattr(layer_reader, "PREFIX_MARGIN", 0.05)
     monkeypatch.setattr(layer_reader, "PREFIX_SLACK", 1)
@@ -241,9 +241,9 @@ def test_index_mode_prefetch_up_to_a_profile_limit(tmp_path: Path, tar: bytes) -
 def test_profile_records_how_far_into_a_span_reads_went(tmp_path: Path, tar: bytes) -> None:
     from imgaccel.formats.profile import Profile
     from imgaccel.pusher.reference import parse_reference
-    from imgaccel.snapshotter.accelerated_image import AcceleratedImage
-    from imgaccel.snapshotter.merged_view import MergedView
-    from imgaccel.snapshotter.profiles import build_profile
+    from imgaccel.reader.accelerated_image import AcceleratedImage
+    from imgaccel.reader.merged_view import MergedView
+    from imgaccel.reader.profiles import build_profile
 
     _, reader = _index_reader(tmp_path, tar)
     reader.readahead = 0

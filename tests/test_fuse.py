@@ -21,8 +21,8 @@ from fixtures.build_images import BIG_FILE_SIZE, push, unique_image
 from imgaccel.formats.layer_index import BLOCK_SIZE
 from imgaccel.pusher.client import RegistryClient
 from imgaccel.pusher.reference import parse_reference
-from imgaccel.snapshotter.accelerated_image import open_image
-from imgaccel.snapshotter.check import Record, reference_tree
+from imgaccel.reader.accelerated_image import open_image
+from imgaccel.reader.check import Record, reference_tree
 from tests.helpers import get_json, run_cli
 from tests.registry import Registry, start_registry
 

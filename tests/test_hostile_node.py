@@ -23,7 +23,7 @@ import pytest
 from imgaccel.cli.mount_commands import mounts_at
 from imgaccel.cli.quoting import shell_escape
 from imgaccel.formats.layer_index import Entry
-from imgaccel.snapshotter.merged_view import BrokenHardlink, MergedView
+from imgaccel.reader.merged_view import BrokenHardlink, MergedView
 from tests.helpers import run_cli, sha256
 from tests.raw_push import push_image
 from tests.registry import Registry

@@ -23,7 +23,7 @@ from imgaccel.indexer.chunk_decoder import ChunkVerificationError, decode_chunk
 from imgaccel.indexer.errors import LayerError, NotSeekableError
 from imgaccel.indexer.full_encoder import encode_full_layer
 from imgaccel.indexer.seekable_index import build_seekable_index
-from imgaccel.snapshotter.layer_reader import LayerReader
+from imgaccel.reader.layer_reader import LayerReader
 from tests.helpers import sha256
 
 SPAN = 1 << 20

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from imgaccel.formats.layer_index import Entry
-from imgaccel.snapshotter.merged_view import MergedView, PathError, normalize_path
+from imgaccel.reader.merged_view import MergedView, PathError, normalize_path
 
 
 def d(name: str) -> Entry:

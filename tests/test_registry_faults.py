@@ -10,7 +10,7 @@ from pathlib import Path
 from fixtures.build_images import BIG_FILE_SIZE, push, unique_image
 from imgaccel.pusher.client import RegistryClient
 from imgaccel.pusher.reference import parse_reference
-from imgaccel.snapshotter.accelerated_image import open_image
+from imgaccel.reader.accelerated_image import open_image
 from tests.fault_proxy import FaultProxy
 from tests.helpers import get_json, run_cli
 from tests.registry import Registry

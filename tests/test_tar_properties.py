@@ -33,7 +33,7 @@ from imgaccel.indexer.errors import LayerError
 from imgaccel.indexer.full_encoder import encode_full_layer
 from imgaccel.indexer.limits import TarLimits
 from imgaccel.indexer.seekable_index import build_seekable_index
-from imgaccel.snapshotter.layer_reader import LayerReader
+from imgaccel.reader.layer_reader import LayerReader
 from tests.helpers import sha256
 from tests.tar_forge import BLOCK, Header, Member, forge, regular
 

@@ -19,9 +19,9 @@ from imgaccel.converter.errors import ConversionError
 from imgaccel.pusher.client import RegistryClient
 from imgaccel.pusher.errors import RegistryError
 from imgaccel.pusher.reference import ImageRef, ReferenceError, parse_reference
-from imgaccel.snapshotter.accelerated_image import ImageOpenError
-from imgaccel.snapshotter.layer_reader import ChunkReadError
-from imgaccel.snapshotter.merged_view import PathError
+from imgaccel.reader.accelerated_image import ImageOpenError
+from imgaccel.reader.layer_reader import ChunkReadError
+from imgaccel.reader.merged_view import PathError
 
 from .settings import load_settings
 

@@ -21,8 +21,8 @@ from imgaccel.formats import layer_index as li
 from imgaccel.formats import oci
 from imgaccel.pusher.client import RegistryClient
 from imgaccel.pusher.reference import ImageRef
-from imgaccel.snapshotter.accelerated_image import AcceleratedImage, ImageOpenError, open_image
-from imgaccel.snapshotter.merged_view import BrokenHardlink, PathError
+from imgaccel.reader.accelerated_image import AcceleratedImage, ImageOpenError, open_image
+from imgaccel.reader.merged_view import BrokenHardlink, PathError
 
 if TYPE_CHECKING:  # the conversion pipeline and progress bars are imported by the commands that use them
     from imgaccel.converter.image_converter import ConvertResult
@@ -268,7 +268,7 @@ def cat(ref: str, path: str, plain_http: bool, platform: str | None) -> None:
 def check(ref: str, plain_http: bool, platform: str | None) -> None:
     """Read every entry lazily and compare with a full extraction of the source image."""
 
-    from imgaccel.snapshotter.check import compare, reference_tree
+    from imgaccel.reader.check import compare, reference_tree
 
     async def go(image: AcceleratedImage, client: RegistryClient) -> int:
         if not image.source_digest:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from imgaccel.snapshotter.chunk_cache import DEFAULT_LIMIT, ChunkCache
+from imgaccel.reader.chunk_cache import DEFAULT_LIMIT, ChunkCache
 
 if TYPE_CHECKING:
     from imgaccel.pusher.client import RegistryClient
@@ -177,12 +177,12 @@ def mount(ref: str, mountpoint: str, platform: str | None, plain_http: bool, cac
         return  # the parent: the mount is up; the forked child serves it
 
     async def go() -> None:
-        from imgaccel.snapshotter.accelerated_image import AcceleratedImage, open_image
-        from imgaccel.snapshotter.fuse_fs import serve_mount
-        from imgaccel.snapshotter.layer_reader import FetchSlots
-        from imgaccel.snapshotter.node_metrics import NodeMetrics
-        from imgaccel.snapshotter.prefetch import fetch_rest, replay_profile
-        from imgaccel.snapshotter.profiles import find_profile
+        from imgaccel.reader.accelerated_image import AcceleratedImage, open_image
+        from imgaccel.reader.fuse_fs import serve_mount
+        from imgaccel.reader.layer_reader import FetchSlots
+        from imgaccel.reader.node_metrics import NodeMetrics
+        from imgaccel.reader.prefetch import fetch_rest, replay_profile
+        from imgaccel.reader.profiles import find_profile
 
         async def warm(client: RegistryClient, image: AcceleratedImage) -> None:
             """Profile first (foreground reads keep priority), then the rest if asked."""
@@ -360,9 +360,9 @@ def record(ref: str, command: tuple[str, ...], label: str, duration: str, platfo
 
     import pyfuse3
 
-    from imgaccel.snapshotter.accelerated_image import open_image
-    from imgaccel.snapshotter.fuse_fs import serve_mount
-    from imgaccel.snapshotter.profiles import build_profile, push_profile
+    from imgaccel.reader.accelerated_image import open_image
+    from imgaccel.reader.fuse_fs import serve_mount
+    from imgaccel.reader.profiles import build_profile, push_profile
 
     parsed = parse_ref(ref)
     try:
@@ -412,10 +412,10 @@ def record(ref: str, command: tuple[str, ...], label: str, duration: str, platfo
               help="Range requests in flight to the registry.")  # fmt: skip
 def prefetch(ref: str, label: str, platform: str | None, plain_http: bool, cache_dir: Path, max_requests: int) -> None:
     """Warm the chunk cache from the image's hot-chunk profile, without mounting."""
-    from imgaccel.snapshotter.accelerated_image import open_image
-    from imgaccel.snapshotter.layer_reader import FetchSlots
-    from imgaccel.snapshotter.prefetch import replay_profile
-    from imgaccel.snapshotter.profiles import find_profile
+    from imgaccel.reader.accelerated_image import open_image
+    from imgaccel.reader.layer_reader import FetchSlots
+    from imgaccel.reader.prefetch import replay_profile
+    from imgaccel.reader.profiles import find_profile
 
     parsed = parse_ref(ref)
 

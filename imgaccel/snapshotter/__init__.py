@@ -1,1 +1,1 @@
-"""Node side: read accelerated images lazily (range reads, verified chunks, merged view)."""
+"""The node daemon: a containerd remote snapshotter that mounts accelerated layers lazily."""

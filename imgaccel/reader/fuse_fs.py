@@ -29,9 +29,9 @@ import pyfuse3
 import pyfuse3.asyncio
 
 from imgaccel.formats.layer_index import Entry
-from imgaccel.snapshotter.accelerated_image import AcceleratedImage
-from imgaccel.snapshotter.layer_reader import ChunkReadError
-from imgaccel.snapshotter.merged_view import BrokenHardlink, MergedView, Node, PathError, normalize_path
+from imgaccel.reader.accelerated_image import AcceleratedImage
+from imgaccel.reader.layer_reader import ChunkReadError
+from imgaccel.reader.merged_view import BrokenHardlink, MergedView, Node, PathError, normalize_path
 
 log = logging.getLogger(__name__)
 _TYPE_BITS = {

@@ -13,7 +13,7 @@ from imgaccel.formats.profile import (
     ProfileChunk,
 )
 from imgaccel.pusher.client import RegistryClient
-from imgaccel.snapshotter.accelerated_image import AcceleratedImage
+from imgaccel.reader.accelerated_image import AcceleratedImage
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ import logging
 import time
 
 from imgaccel.formats.profile import Profile
-from imgaccel.snapshotter.accelerated_image import AcceleratedImage
-from imgaccel.snapshotter.layer_reader import pack_consecutive
+from imgaccel.reader.accelerated_image import AcceleratedImage
+from imgaccel.reader.layer_reader import pack_consecutive
 
 log = logging.getLogger(__name__)
 # The profile is replayed in windows of entries, each sorted by offset so neighbours share a

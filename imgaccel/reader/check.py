@@ -25,7 +25,7 @@ import zstandard
 from imgaccel.formats import oci
 from imgaccel.pusher.client import RegistryClient
 from imgaccel.pusher.reference import ImageRef
-from imgaccel.snapshotter.accelerated_image import AcceleratedImage
+from imgaccel.reader.accelerated_image import AcceleratedImage
 
 _KIND = {
     tarfile.REGTYPE: "reg", tarfile.AREGTYPE: "reg", tarfile.CONTTYPE: "reg", tarfile.DIRTYPE: "dir",

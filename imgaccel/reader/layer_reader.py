@@ -29,7 +29,7 @@ from typing import Any, Protocol, TypeVar
 
 from imgaccel.formats.layer_index import BLOCK_SIZE, LayerIndex
 from imgaccel.indexer.chunk_decoder import ChunkInputEnded, ChunkVerificationError, decode_chunk
-from imgaccel.snapshotter.chunk_cache import ChunkCache
+from imgaccel.reader.chunk_cache import ChunkCache
 
 log = logging.getLogger(__name__)
 MAX_REQUEST = 2 << 20  # background requests are cut at this many compressed bytes (bounds memory)

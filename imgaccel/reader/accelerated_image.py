@@ -18,9 +18,9 @@ from imgaccel.formats import layer_index as li
 from imgaccel.formats import oci, toc
 from imgaccel.pusher.client import Manifest, RegistryClient
 from imgaccel.pusher.reference import ImageRef
-from imgaccel.snapshotter.chunk_cache import ChunkCache
-from imgaccel.snapshotter.layer_reader import FetchSlots, LayerReader
-from imgaccel.snapshotter.merged_view import MergedView, Node, PathError
+from imgaccel.reader.chunk_cache import ChunkCache
+from imgaccel.reader.layer_reader import FetchSlots, LayerReader
+from imgaccel.reader.merged_view import MergedView, Node, PathError
 
 MAX_INDEX_BLOB = 256 << 20
 _ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le", "s390x": "s390x"}

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, Histogram, write_to_textfile
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from imgaccel.snapshotter.accelerated_image import AcceleratedImage
+from imgaccel.reader.accelerated_image import AcceleratedImage
 
 FETCH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
