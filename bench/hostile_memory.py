@@ -4,7 +4,7 @@
 
 Pushes to a local registry (a) a layer whose one PAX header is 200 MB, (b) a layer of
 ``--files`` small files, and (c) as the baseline, a one-file layer; then runs the conversion
-process exactly as ``imgaccel serve`` does (``python -m imgaccel.converter.isolated_job``, a
+process exactly as ``imgaccel serve`` does (``python -m imgaccel.service.isolated_job``, a
 JobRequest on stdin, default limits) in both modes, and prints for each its outcome, wall
 time and peak RSS (the child's VmHWM, which it reports itself), with the ratio to the
 baseline's peak RSS.
@@ -22,8 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from imgaccel.converter.isolated_job import JobRequest, options_to_wire
 from imgaccel.converter.options import ConvertOptions
+from imgaccel.service.isolated_job import JobRequest, options_to_wire
 from tests.helpers import sha256
 from tests.raw_push import push_image
 from tests.registry import start_registry
@@ -49,7 +49,7 @@ def run_child(host: str, repo: str, mode: str) -> tuple[str, float, int]:
     )
     t0 = time.monotonic()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "imgaccel.converter.isolated_job"],
+        [sys.executable, "-m", "imgaccel.service.isolated_job"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,

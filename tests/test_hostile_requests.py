@@ -26,7 +26,6 @@ import pytest
 from aiohttp import web
 
 from fixtures.build_images import Member, tar_bytes
-from imgaccel.converter.events import EventError, parse_event_body
 from imgaccel.formats import oci
 from imgaccel.pusher.client import RegistryClient
 from imgaccel.pusher.errors import RegistryError
@@ -40,6 +39,7 @@ from imgaccel.pusher.reference import (
     parse_reference,
     parse_registry_host,
 )
+from imgaccel.service.events import EventError, parse_event_body
 from tests.helpers import sha256
 from tests.raw_push import push_image
 from tests.registry import Registry, start_registry

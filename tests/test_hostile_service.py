@@ -22,7 +22,7 @@ from tests.service import ServiceProcess, make_service, write_service_config
 from tests.tar_forge import Header, Member, forge, regular
 from tests.test_hostile_images import push_layers
 
-CHILD = "imgaccel.converter.isolated_job"
+CHILD = "imgaccel.service.isolated_job"
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs for the data_dir needs root")
 
 

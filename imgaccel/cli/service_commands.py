@@ -15,7 +15,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
-from imgaccel.converter.service_config import ConfigError, load_config
+from imgaccel.service.service_config import ConfigError, load_config
 
 err = Console(stderr=True)
 
@@ -26,8 +26,8 @@ err = Console(stderr=True)
 def serve(config_path: Path | None) -> None:
     """Run the conversion service: registry events in, accelerated images out."""
     from imgaccel.cli.common import fail
-    from imgaccel.converter.service import ServiceStartError
-    from imgaccel.converter.service import serve as run
+    from imgaccel.service.service import ServiceStartError
+    from imgaccel.service.service import serve as run
 
     try:
         config = load_config(config_path)

@@ -21,21 +21,21 @@ from contextlib import AsyncExitStack, suppress
 
 from imgaccel.converter.errors import ConversionError, NotConvertible
 from imgaccel.converter.image_converter import ImageConverter, Progress
-from imgaccel.converter.isolated_job import (
+from imgaccel.converter.options import ConvertOptions
+from imgaccel.formats.layer_index import FORMAT_VERSION
+from imgaccel.pusher.client import RegistryClient
+from imgaccel.pusher.errors import RegistryError
+from imgaccel.pusher.reference import ImageRef, ReferenceError
+from imgaccel.service.isolated_job import (
     ConversionLimitError,
     IsolatedResult,
     JobRequest,
     options_to_wire,
     run_isolated,
 )
-from imgaccel.converter.job_store import Job, JobStore
-from imgaccel.converter.metrics import ServiceMetrics
-from imgaccel.converter.options import ConvertOptions
-from imgaccel.converter.service_config import Rule, ServiceConfig
-from imgaccel.formats.layer_index import FORMAT_VERSION
-from imgaccel.pusher.client import RegistryClient
-from imgaccel.pusher.errors import RegistryError
-from imgaccel.pusher.reference import ImageRef, ReferenceError
+from imgaccel.service.job_store import Job, JobStore
+from imgaccel.service.metrics import ServiceMetrics
+from imgaccel.service.service_config import Rule, ServiceConfig
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ from typing import Any
 
 import aiohttp
 
-from imgaccel.converter.job_store import Delivery, Job, JobStore
-from imgaccel.converter.metrics import ServiceMetrics
-from imgaccel.converter.service_config import Rule, ServiceConfig, WebhookConfig
+from imgaccel.service.job_store import Delivery, Job, JobStore
+from imgaccel.service.metrics import ServiceMetrics
+from imgaccel.service.service_config import Rule, ServiceConfig, WebhookConfig
 
 log = logging.getLogger(__name__)
 SIGNATURE_HEADER = "X-Imgaccel-Signature"

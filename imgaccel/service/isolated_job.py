@@ -1,7 +1,7 @@
 """Run one conversion in a child process, so that no image can take the service down.
 
 Every image is hostile input. The service therefore converts each job in a fresh
-``python -m imgaccel.converter.isolated_job`` process that limits its own address space
+``python -m imgaccel.service.isolated_job`` process that limits its own address space
 (``RLIMIT_AS``) before it reads anything, while the parent holds a wall-clock limit and kills
 the child's whole process group when it runs out. A child that exceeds either, or dies of a
 signal, fails its job with that reason (``ConversionLimitError``: never retried, so a
@@ -101,7 +101,7 @@ async def run_isolated(request: JobRequest, timeout: float, progress: Progress, 
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "imgaccel.converter.isolated_job",
+        "imgaccel.service.isolated_job",
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,

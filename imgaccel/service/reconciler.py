@@ -13,9 +13,9 @@ import fnmatch
 import logging
 from collections.abc import Callable
 
-from imgaccel.converter.service_config import ServiceConfig
-from imgaccel.converter.worker import RegistryClients
 from imgaccel.pusher.errors import RegistryError
+from imgaccel.service.service_config import ServiceConfig
+from imgaccel.service.worker import RegistryClients
 
 log = logging.getLogger(__name__)
 

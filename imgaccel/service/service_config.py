@@ -137,7 +137,7 @@ class RetryConfig(_Strict):
 
 
 class IsolationConfig(_Strict):
-    """Each job converts in a child process held to these limits (``converter.isolated_job``)."""
+    """Each job converts in a child process held to these limits (``service.isolated_job``)."""
 
     enabled: bool = True  # false: convert inside the service process (debugging only)
     memory_limit: int = Field(default=4 << 30, ge=256 << 20)  # bytes of address space (RLIMIT_AS)

@@ -19,16 +19,16 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from imgaccel.converter.events import EventError, parse_event_body
-from imgaccel.converter.job_store import STORE_ERRORS, TERMINAL, Job, JobStore, SQLiteJobStore
-from imgaccel.converter.metrics import ServiceMetrics
-from imgaccel.converter.notifier import Notifier
-from imgaccel.converter.openapi import OPENAPI
-from imgaccel.converter.reconciler import Reconciler
-from imgaccel.converter.service_config import InboundAuth, ServiceConfig
-from imgaccel.converter.worker import JobRunner, RegistryClients, job_key
 from imgaccel.pusher.errors import RegistryError
 from imgaccel.pusher.reference import ReferenceError, is_loopback, parse_reference, show
+from imgaccel.service.events import EventError, parse_event_body
+from imgaccel.service.job_store import STORE_ERRORS, TERMINAL, Job, JobStore, SQLiteJobStore
+from imgaccel.service.metrics import ServiceMetrics
+from imgaccel.service.notifier import Notifier
+from imgaccel.service.openapi import OPENAPI
+from imgaccel.service.reconciler import Reconciler
+from imgaccel.service.service_config import InboundAuth, ServiceConfig
+from imgaccel.service.worker import JobRunner, RegistryClients, job_key
 
 log = logging.getLogger(__name__)
 EVENT_CONTENT_TYPES = (
