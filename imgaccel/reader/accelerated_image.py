@@ -46,6 +46,7 @@ class AcceleratedImage:
     source_digest: str | None
     layers: list[LayerReader]
     view: MergedView
+    layer_digests: list[str]  # the platform manifest's layers, in order: what a runtime pulls
 
     def stat(self, path: str, follow: bool = False) -> Node:
         return self.view.lookup(path, follow)[1]
@@ -235,4 +236,7 @@ async def open_image(
         layers = await _index_layers(client, ref, parsed, artifact, cache, slots)
         mode, source = "index", manifest.digest
     view = MergedView([layer.index.entries for layer in layers])
-    return AcceleratedImage(ref, top.digest, top.media_type, len(top.data), mode, manifest.digest, source, layers, view)
+    digests = [layer.digest for layer in parsed.layers]
+    return AcceleratedImage(
+        ref, top.digest, top.media_type, len(top.data), mode, manifest.digest, source, layers, view, digests
+    )

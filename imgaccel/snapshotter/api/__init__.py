@@ -1,0 +1,1 @@
+"""Generated protobuf/gRPC modules of the containerd snapshots API (scripts/gen-protos)."""

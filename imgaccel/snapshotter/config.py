@@ -1,0 +1,104 @@
+"""``imgaccel snapshotter`` configuration: a pydantic-validated YAML file with embedded defaults.
+
+With no file at all the node daemon listens on ``/run/imgaccel/snapshotter.sock``, keeps its
+snapshots and metadata under ``/var/lib/imgaccel``, caches lazily read chunks in
+``/var/cache/imgaccel``, speaks plain HTTP only to loopback registries (plus those listed in
+``plain_http``) and takes registry credentials from the Docker config file. Command-line flags
+(``--socket``, ``--root``, ``--cache-dir``) override the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from imgaccel.pusher.auth import Credentials, docker_config_path, load_docker_credentials
+from imgaccel.pusher.reference import ReferenceError, check_registry_host, is_loopback
+
+DEFAULT_SOCKET = Path("/run/imgaccel/snapshotter.sock")
+DEFAULT_ROOT = Path("/var/lib/imgaccel")
+DEFAULT_CACHE_DIR = Path("/var/cache/imgaccel")
+PLUGIN_NAME = "imgaccel"  # the snapshotter's name in containerd's config (proxy_plugins.<name>)
+
+
+class ConfigError(Exception):
+    """The configuration file cannot be used; the message names the file and the field."""
+
+
+class NodeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    socket: Path = DEFAULT_SOCKET  # gRPC unix socket containerd dials (proxy_plugins address)
+    root: Path = DEFAULT_ROOT  # snapshots/<id>/{fs,work} and metadata.db live here
+    cache_dir: Path = DEFAULT_CACHE_DIR  # chunks of lazily read layers
+    plain_http: list[str] = []  # registries (host[:port]) reached over plain HTTP besides loopback ones
+    plain_http_loopback: bool = True  # 127.0.0.0/8, ::1 and localhost registries over plain HTTP
+    docker_config: Path | None = None  # credentials file (default $DOCKER_CONFIG/config.json, ~/.docker/...)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("plain_http")
+    @classmethod
+    def _hosts(cls, hosts: list[str]) -> list[str]:
+        for h in hosts:
+            try:
+                check_registry_host(h, None)
+            except ReferenceError as e:
+                raise ValueError(str(e)) from None
+        return hosts
+
+    @field_validator("socket", "root", "cache_dir")
+    @classmethod
+    def _absolute(cls, p: Path) -> Path:
+        if not p.is_absolute():
+            raise ValueError(f"{p}: must be an absolute path")
+        return p
+
+    def use_plain_http(self, registry: str) -> bool:
+        """Whether ``registry`` (host[:port]) is reached over plain HTTP rather than TLS."""
+        if registry in self.plain_http:
+            return True
+        return self.plain_http_loopback and is_loopback(registry)
+
+    def credentials(self, registry: str) -> Credentials | None:
+        """Credentials for ``registry`` from the Docker config file, if it has some."""
+        return load_docker_credentials(registry, self.docker_config or docker_config_path())
+
+
+def load_node_config(path: Path | None, socket: Path | None = None, root: Path | None = None,
+                     cache_dir: Path | None = None) -> NodeConfig:  # fmt: skip
+    """The configuration in ``path`` (defaults when None) with the given overrides applied."""
+    data: dict[str, object] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except OSError as e:
+            raise ConfigError(f"{path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+        data = loaded
+    overrides = {k: v for k, v in (("socket", socket), ("root", root), ("cache_dir", cache_dir)) if v is not None}
+    try:
+        return NodeConfig.model_validate({**data, **overrides})
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first["loc"]) or "config"
+        raise ConfigError(f"{path or 'config'}: {where}: {first['msg']}") from None
+
+
+def containerd_snippet(config: NodeConfig) -> str:
+    """What containerd 1.x's config.toml needs to use this snapshotter, for ctr and for Kubernetes."""
+    return f"""# containerd 1.x config.toml (version = 2): the imgaccel node daemon as a proxy snapshotter
+[proxy_plugins.{PLUGIN_NAME}]
+  type = "snapshot"
+  address = "{config.socket}"
+
+# Kubernetes (CRI) pulls through it, with the image and layer labels lazy mounts need
+[plugins."io.containerd.grpc.v1.cri".containerd]
+  snapshotter = "{PLUGIN_NAME}"
+  disable_snapshot_annotations = false
+"""

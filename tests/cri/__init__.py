@@ -1,0 +1,1 @@
+"""Generated CRI runtime.v1 ImageService subset for tests (scripts/gen-protos)."""

@@ -1,0 +1,100 @@
+"""Prepare labels -> a layer's lazy form, against the real registry: every layer of both
+accelerated forms (and of the source image, through its index-only referrer) reads back as
+exactly the tar its config's diff_id names; plain images and plain pulls have no lazy form."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from fixtures.build_images import push, unique_image
+from imgaccel.pusher.client import RegistryClient
+from imgaccel.snapshotter.lazy_layers import (
+    CRI_IMAGE_REF,
+    CRI_LAYER,
+    CRI_MANIFEST,
+    STARGZ_LAYER,
+    STARGZ_REFERENCE,
+    LayerTar,
+    LazyImages,
+    NoLazyForm,
+    layer_target,
+)
+from tests.helpers import get_bytes, get_json
+from tests.registry import Registry
+
+
+def manifest_and_diff_ids(ref: str) -> tuple[str, list[str], list[str]]:
+    """(platform manifest digest, its layer digests, the config's diff_ids) of a single-platform ref."""
+    host, rest = ref.split("/", 1)
+    repo, tag = rest.rsplit(":", 1)
+    top = get_json(f"http://{host}/v2/{repo}/manifests/{tag}")
+    if "manifests" in top:  # the _accelerated index: the source manifest comes first
+        digest = top["manifests"][0]["digest"]
+    else:
+        digest = "sha256:" + hashlib.sha256(get_bytes(f"http://{host}/v2/{repo}/manifests/{tag}")).hexdigest()
+    manifest = get_json(f"http://{host}/v2/{repo}/manifests/{digest}")
+    config = json.loads(get_bytes(f"http://{host}/v2/{repo}/blobs/{manifest['config']['digest']}"))
+    return digest, [layer["digest"] for layer in manifest["layers"]], config["rootfs"]["diff_ids"]
+
+
+async def read_all(source: LayerTar) -> str:
+    h = hashlib.sha256()
+    for off in range(0, source.size, 4 << 20):
+        h.update(await source.read(off, 4 << 20))
+    assert await source.read(source.size, 10) == b""
+    return "sha256:" + h.hexdigest()
+
+
+def check_layers(ref: str, labels_for: object) -> int:
+    """Every layer of ``ref`` resolves and reads back as its diff_id; returns images opened."""
+    manifest, layers, diff_ids = manifest_and_diff_ids(ref)
+    host = ref.split("/", 1)[0]
+
+    async def go() -> int:
+        async with RegistryClient(host) as client:
+
+            async def client_for(registry: str) -> RegistryClient:
+                assert registry == host
+                return client
+
+            lazy = LazyImages(client_for)
+            for layer, diff_id in zip(layers, diff_ids, strict=True):
+                labels = labels_for(ref, manifest, layer)  # type: ignore[operator]
+                reader = await lazy.layer(layer_target(labels))
+                assert await read_all(LayerTar(reader, host)) == diff_id
+            return len(lazy._images)
+
+    return asyncio.run(go())
+
+
+def cri_labels(ref: str, manifest: str, layer: str) -> dict[str, str]:
+    return {CRI_IMAGE_REF: ref, CRI_MANIFEST: manifest, CRI_LAYER: layer, "containerd.io/snapshot.ref": "x"}
+
+
+def stargz_labels(ref: str, manifest: str, layer: str) -> dict[str, str]:
+    return {STARGZ_REFERENCE: ref, STARGZ_LAYER: layer, "containerd.io/snapshot.ref": "x"}
+
+
+@pytest.mark.parametrize("labels", [cri_labels, stargz_labels], ids=["cri", "ctr-remote"])
+@pytest.mark.parametrize("which", ["source", "index", "full"])
+def test_every_layer_reads_back_as_its_diff_id(
+    images: dict[str, str], converted: dict[str, str], which: str, labels: object
+) -> None:
+    ref = images["app"] if which == "source" else converted[which]
+    assert check_layers(ref, labels) == 1  # one image opened for all its layers
+
+
+def test_plain_images_and_pulls_have_no_lazy_form(registry: Registry, tmp_path: Path) -> None:
+    with pytest.raises(NoLazyForm, match="plain pull"):
+        layer_target({"containerd.io/snapshot.ref": "x"})
+    with pytest.raises(NoLazyForm, match="unusable image labels"):
+        layer_target({CRI_IMAGE_REF: "127.0.0.1:1/../x:v1", CRI_LAYER: "sha256:" + "0" * 64})
+    ref = f"{registry.host}/lazy/never-converted:v1"
+    push(unique_image(tmp_path, "never-converted"), "v1", ref)
+    with pytest.raises(NoLazyForm, match="not an accelerated image"):
+        check_layers(ref, cri_labels)
