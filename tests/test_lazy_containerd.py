@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from fixtures.build_images import push, unique_image
@@ -23,6 +24,8 @@ from imgaccel.pusher.reference import parse_reference
 from imgaccel.reader.check import reference_tree
 from imgaccel.snapshotter.erofs_layers import unmount_all
 from tests.containerd import MISSING, running_containerd
+from tests.cri import api_pb2 as cri
+from tests.cri import api_pb2_grpc as cri_grpc
 from tests.erofs_mount import missing_for_mounts
 from tests.helpers import get_json, run_cli
 from tests.registry import Registry
@@ -44,6 +47,14 @@ def node(tmp_path_factory: pytest.TempPathFactory, registry: Registry) -> Iterat
 [proxy_plugins.imgaccel]
   type = "snapshot"
   address = "{daemon.socket}"
+[plugins."io.containerd.grpc.v1.cri"]
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "imgaccel"
+    disable_snapshot_annotations = false
+  [plugins."io.containerd.grpc.v1.cri".registry.mirrors."{registry.host}"]
+    endpoint = ["http://{registry.host}"]
 """
     (work / "containerd").mkdir()
     try:
@@ -117,6 +128,32 @@ def test_rpull_downloads_no_layer_and_the_container_sees_the_source_files(
             continue  # sha256sum escapes such names; the byte-level checks cover them
         assert seen.get(path) == digest, f"{path}: {seen.get(path)} != {digest}"
     assert "lazily" in node[1].log()
+
+
+def cri_pull(ctr: list[str], ref: str) -> str:
+    """PullImage through containerd's CRI plugin (the kubelet's path); the image id."""
+    address = ctr[ctr.index("--address") + 1]
+    with grpc.insecure_channel(f"unix://{address}") as ch:
+        pulled = cri_grpc.ImageServiceStub(ch).PullImage(
+            cri.PullImageRequest(image=cri.ImageSpec(image=ref)), timeout=300
+        )
+    return str(pulled.image_ref)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("which", ["full", "index", "original tag"])
+def test_cri_pull_is_lazy_even_for_the_original_tag(
+    node: tuple[list[str], DaemonProcess], images: dict[str, str], converted: dict[str, str], which: str
+) -> None:
+    """Kubernetes pulls through CRI; a pod spec naming the *original* tag is lazy too, through
+    the index-only artifact attached to its manifest as a referrer."""
+    ctr = [*node[0], "--namespace", "k8s.io"]
+    ref = images["app"] if which == "original tag" else converted[which]
+    cri_pull(ctr, ref)
+    assert not set(platform_layers(ref)) & blobs(ctr), "containerd downloaded a layer blob"
+    name = "cri-" + which.replace(" ", "-")
+    out = ctr_run(ctr, "run", "--rm", "--snapshotter", "imgaccel", ref, name, "/bin/sh", "-c", SCRIPT)
+    check_image_view(out)
 
 
 @pytest.mark.timeout(600)

@@ -292,9 +292,9 @@ async def test_grpc_service_codes(tmp_path: Path) -> None:
             with pytest.raises(grpc.aio.AioRpcError) as e:
                 await stub.Prepare(pb.PrepareSnapshotRequest(key="a"), metadata=md)
             assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
-            with pytest.raises(grpc.aio.AioRpcError) as e:
-                await stub.Stat(pb.StatSnapshotRequest(key="a"))  # another namespace ("")
-            assert e.value.code() == grpc.StatusCode.NOT_FOUND
+            # One namespace whatever the header says: containerd sends it on some calls only
+            # (its keys carry the namespace already), so a snapshot made with it is found without.
+            assert (await stub.Stat(pb.StatSnapshotRequest(key="a"))).info.name == "a"
             await stub.Commit(pb.CommitSnapshotRequest(key="a", name="c", labels={"m": "2"}), metadata=md)
             st = await stub.Stat(pb.StatSnapshotRequest(key="c"), metadata=md)
             assert st.info.kind == pb.COMMITTED and dict(st.info.labels) == {"m": "2"}

@@ -1,8 +1,12 @@
 """The node daemon's gRPC face: containerd's Snapshots service on a unix socket (``grpc.aio``).
 
-It owns the wire: it reads the namespace from the gRPC metadata key ``containerd-namespace``
-when the caller sends one (containerd 1.6 does not: its metadata layer already prefixes every
-key it hands a snapshotter with ``<namespace>/<n>/``, so all its calls share namespace ""),
+It owns the wire. Every call shares one snapshotter namespace, "": containerd's metadata layer
+already prefixes every key it hands a snapshotter with ``<namespace>/<n>/``, and remote layers
+are named by their chain ID so that every namespace pulling a layer shares it. containerd sends
+the ``containerd-namespace`` gRPC header only on some calls (those its CRI plugin starts, not
+those ``ctr`` starts), so honouring it would file one pull's snapshots under two namespaces: a
+CRI pull's layers committed under "k8s.io" and looked up under "". The header is logged only.
+It
 turns protobuf requests into ``Snapshotter`` calls and results back into protobuf, maps the
 snapshot errors to the gRPC codes containerd's errdefs understand, and runs the server until
 SIGTERM/SIGINT (then it stops accepting calls, lets running ones finish for a few seconds and
@@ -70,6 +74,10 @@ def mounts_to_pb(mounts: Iterable[Mount]) -> list[mount_pb2.Mount]:
     return [mount_pb2.Mount(type=m.type, source=m.source, target=m.target, options=list(m.options)) for m in mounts]
 
 
+def _header_namespace(context: Any) -> str:
+    return next((v for k, v in context.invocation_metadata() or () if k == NAMESPACE_KEY), "")
+
+
 class SnapshotsService(pb_grpc.SnapshotsServicer):
     """containerd.services.snapshots.v1.Snapshots over a ``Snapshotter``."""
 
@@ -77,18 +85,16 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
         self.snapshotter = snapshotter
 
     async def _call(self, context: Any, what: str, fn: Callable[[str], Awaitable[T]]) -> T:
-        namespace = ""  # containerd 1.6 sends none: its backend keys are "<namespace>/<n>/<key>" already
-        for k, v in context.invocation_metadata() or ():
-            if k == NAMESPACE_KEY:
-                namespace = v
+        namespace = ""  # see the module docstring: keys carry containerd's namespace already
         try:
             return await fn(namespace)
         except SnapshotError as e:
             level = logging.DEBUG if isinstance(e, AlreadyExists | NotFound) else logging.INFO
-            log.log(level, "%s [%s]: %s", what, namespace, e)
+            log.log(level, "%s [%s]: %s", what, _header_namespace(context), e)
             await context.abort(_CODES.get(type(e), grpc.StatusCode.UNKNOWN), str(e))
         except Exception as e:
-            log.error("%s [%s]: %s: %s", what, namespace, type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
+            log.error("%s [%s]: %s: %s", what, _header_namespace(context), type(e).__name__, e,
+                      exc_info=log.isEnabledFor(logging.DEBUG))  # fmt: skip
             await context.abort(grpc.StatusCode.INTERNAL, f"{what}: {type(e).__name__}: {e}")
         raise AssertionError("unreachable")
 
