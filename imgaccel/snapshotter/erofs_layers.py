@@ -30,7 +30,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -40,7 +40,7 @@ from imgaccel.pusher.client import RegistryClient
 from imgaccel.reader.chunk_cache import ChunkCache
 from imgaccel.reader.layer_reader import LayerReader
 from imgaccel.snapshotter import fuse_holder
-from imgaccel.snapshotter.blob_fs import BlobFS
+from imgaccel.snapshotter.blob_fs import BlobFS, FsStats
 from imgaccel.snapshotter.config import NodeConfig
 from imgaccel.snapshotter.lazy_layers import (
     SNAPSHOT_REF,
@@ -96,6 +96,7 @@ class ErofsLayers:
         for task in self._restoring:
             task.cancel()
         if self.blobs is not None:
+            log.info("FUSE requests served: %s", fuse_summary(self.blobs.stats))
             await self.blobs.close()
         await self._stack.aclose()
 
@@ -170,6 +171,16 @@ async def unmount_all(root: Path) -> list[str]:
         await fuse_holder.unmount(base / "blobs", base / "blobfs")
         done.append(str(base / "blobs"))
     return done
+
+
+def fuse_summary(stats: FsStats) -> str:
+    """One line: requests by opcode, then READs by size (power-of-two buckets) and bytes."""
+    ops = " ".join(f"{op}={n}" for op, n in sorted(stats.requests.items()))
+    buckets: Counter[int] = Counter()
+    for size, n in stats.read_sizes.items():
+        buckets[1 << max(size - 1, 0).bit_length()] += n
+    sizes = " ".join(f"<={b // 1024}KiB:{n}" for b, n in sorted(buckets.items()))
+    return f"{ops}; READ sizes {sizes}; {stats.read_bytes} bytes read, {stats.read_errors} errors"
 
 
 def _write_image(reader: LayerReader, path: Path) -> None:

@@ -1,0 +1,200 @@
+"""Start-up through containerd: pull + run a container that reads a working set, over a slow link.
+
+    .venv/bin/python -m bench.containerd_startup_bench [--size 512MiB] [--shapes tree,files]
+
+The image and working sets are ``bench.startup_bench``'s (real files of this machine, gzip -6,
+about 6% of the bytes read as whole directories or as single files); the registry sits behind
+its throttling proxy (200 Mbit/s shared, 10 ms per request). Each run starts a fresh
+containerd (and, for the lazy runs, a fresh ``imgaccel snapshotter`` with an empty cache) and
+times, from the start of the pull to the end of the container's reads:
+
+* baseline: containerd's overlayfs snapshotter, ``ctr images pull`` + unpack, ``ctr run``;
+* imgaccel full and index-only: ``ctr-remote image rpull --snapshotter imgaccel`` (lazy),
+  ``ctr run --snapshotter imgaccel``.
+
+Printed per run: seconds, the ratio baseline / run, and for lazy runs the daemon's peak RSS and
+its FUSE request summary. Then, on a fresh lazy mount: warm per-file open+read+close through
+the layers' EROFS mounts (overlaid when there are several: the container rootfs's kernel
+path) against the same files on this machine's own disk, and the daemon's RSS while idle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from bench.convert_bench import push_layer, real_files
+from bench.startup_bench import ROOT, ThrottlingProxy, build_image, peak_rss_mb, working_set
+from imgaccel.cli.common import parse_size
+from imgaccel.snapshotter.erofs_layers import unmount_all
+from imgaccel.snapshotter.mounts import mount, umount_or_detach
+from tests.containerd import running_containerd
+from tests.registry import start_registry
+
+
+@contextmanager
+def node(work: Path, lazy: bool) -> Iterator[tuple[list[str], subprocess.Popen[bytes] | None, Path]]:
+    """A fresh containerd; with ``lazy``, the imgaccel daemon as its proxy snapshotter."""
+    work.mkdir(parents=True)
+    sock, root = work / "imgaccel.sock", work / "imgaccel-root"
+    daemon = None
+    extra = f'[proxy_plugins.imgaccel]\n  type = "snapshot"\n  address = "{sock}"\n' if lazy else ""
+    try:
+        if lazy:
+            log = open(work / "daemon.log", "wb")  # noqa: SIM115 - the daemon writes it
+            daemon = subprocess.Popen(
+                [sys.executable, "-m", "imgaccel.cli.main", "snapshotter", "--socket", str(sock), "--root",
+                 str(root), "--cache-dir", str(work / "cache")],
+                stdout=log, stderr=log, cwd=ROOT,
+            )  # fmt: skip
+            deadline = time.monotonic() + 30
+            while not sock.exists():
+                if daemon.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError((work / "daemon.log").read_text()[-2000:])
+                time.sleep(0.05)
+        (work / "ctd").mkdir()
+        with running_containerd(work / "ctd", extra) as ctr:
+            yield ctr, daemon, root
+    finally:
+        if daemon is not None:
+            daemon.terminate()
+            daemon.wait(30)
+        if lazy:
+            asyncio.run(unmount_all(root))
+
+
+def run(args: list[str]) -> None:
+    r = subprocess.run(args, capture_output=True, text=True, timeout=1800)
+    if r.returncode:
+        raise RuntimeError(f"{' '.join(args[:6])}...: {r.stderr[-1500:]}")
+
+
+def startup(work: Path, ref: str, shape: str, mode: str | None) -> tuple[float, str, float]:
+    """Seconds from pull to the end of the reads; FUSE summary and daemon peak RSS (MB) if lazy."""
+    with node(work, mode is not None) as (ctr, daemon, _root):
+        ctr = [*ctr, "--namespace", "bench"]
+        reader = f"/bin/busybox xargs /bin/busybox cat < /ws-{shape}.list > /dev/null"
+        t0 = time.monotonic()
+        if mode is None:
+            run([*ctr, "images", "pull", "--plain-http", ref])
+            run([*ctr, "run", "--rm", ref, "c", "/bin/busybox", "sh", "-c", reader])
+        else:
+            address = ctr[ctr.index("--address") + 1]
+            run(["ctr-remote", "--address", address, "--namespace", "bench", "image", "rpull", "--snapshotter",
+                 "imgaccel", "--plain-http", ref])  # fmt: skip
+            run([*ctr, "run", "--rm", "--snapshotter", "imgaccel", ref, "c", "/bin/busybox", "sh", "-c", reader])
+        elapsed = time.monotonic() - t0
+        rss = peak_rss_mb(daemon.pid) if daemon else 0.0
+    summary = ""
+    if mode is not None:
+        found = re.findall(r"FUSE requests served: (.*)", (work / "daemon.log").read_text())
+        summary = found[-1] if found else "(no summary)"
+    return elapsed, summary, rss
+
+
+_PER_FILE = """
+import sys, time
+root, files = sys.argv[1], open(sys.argv[2]).read().split()
+for _ in range(2):  # the first pass warms the caches
+    t = time.perf_counter()
+    for f in files:
+        with open(root + f, "rb") as fh:
+            while fh.read(1 << 20):
+                pass
+print((time.perf_counter() - t) / len(files) * 1000)
+"""
+
+
+def per_file_ms(root: str, files: list[str]) -> float:
+    with tempfile.NamedTemporaryFile("w", suffix=".list") as listing:
+        listing.write("\n".join("/" + f.lstrip("/") for f in files) + "\n")
+        listing.flush()
+        out = subprocess.run([sys.executable, "-c", _PER_FILE, root, listing.name], capture_output=True, text=True,
+                             check=True)  # fmt: skip
+    return float(out.stdout)
+
+
+def warm_reads(work: Path, ref: str, files: list[str]) -> tuple[float, float, float]:
+    """(ms per file through overlay-over-EROFS-over-FUSE, ms per file native, idle daemon RSS MB)."""
+    with node(work, True) as (ctr, daemon, root):
+        address = ctr[ctr.index("--address") + 1]
+        run(["ctr-remote", "--address", address, "--namespace", "bench", "image", "rpull", "--snapshotter",
+             "imgaccel", "--plain-http", ref])  # fmt: skip
+        layers = sorted(str(p) for p in (root / "lazy" / "layers").glob("*/fs"))
+        merged = work / "merged"
+        merged.mkdir()
+        if len(layers) > 1:  # overlayfs needs two lower layers at least (or an upper one)
+            mount("overlay", merged, "overlay", 1, "lowerdir=" + ":".join(layers))  # MS_RDONLY
+        try:
+            lazy_ms = per_file_ms(str(merged) if len(layers) > 1 else layers[0], files)
+        finally:
+            if len(layers) > 1:
+                umount_or_detach(merged)
+        native_ms = per_file_ms("", files)
+        time.sleep(2)
+        assert daemon is not None
+        rss = 0.0
+        for line in Path(f"/proc/{daemon.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) / 1024
+    return lazy_ms, native_ms, rss
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="512MiB")
+    ap.add_argument("--working-set", type=float, default=0.06)
+    ap.add_argument("--shapes", default="tree,files")
+    ap.add_argument("--warm-only", action="store_true", help="only the warm per-file reads and idle RSS")
+    args = ap.parse_args()
+    if os.geteuid() != 0 or shutil.which("ctr-remote") is None:
+        sys.exit("needs root, containerd and ctr-remote (scripts/install installs them)")
+    with tempfile.TemporaryDirectory(prefix="imgaccel-ctd-bench-", dir="/var/tmp") as tmp:
+        work = Path(tmp)
+        files = real_files(parse_size(args.size))
+        shapes = args.shapes.split(",")
+        lists = {s: working_set(files, args.working_set, s) for s in shapes}
+        gz, diff_id, tar_size = build_image(work, files, lists)
+        reg = start_registry(work / "registry")
+        proxy = ThrottlingProxy(reg.host).start()
+        try:
+            asyncio.run(push_layer(reg.host, "bench/app", gz, diff_id))
+            for mode in ("full", "index"):
+                subprocess.run([sys.executable, "-m", "imgaccel.cli.main", "convert", f"{reg.host}/bench/app:v1",
+                                "--mode", mode], cwd=ROOT, check=True, capture_output=True)  # fmt: skip
+            print(f"image: {len(files)} files, tar {tar_size / 1e6:.0f} MB, gzip {gz.stat().st_size / 1e6:.0f} MB; "
+                  f"link 200 Mbit/s + 10 ms per request", flush=True)  # fmt: skip
+            refs = {
+                None: f"{proxy.host}/bench/app:v1",
+                "full": f"{proxy.host}/bench/app:v1_containerd_accelerated",
+                "index": f"{proxy.host}/bench/app:v1_accelerated",
+            }
+            for shape in [] if args.warm_only else shapes:
+                base, _, _ = startup(work / f"base-{shape}", refs[None], shape, None)
+                print(f"{shape:5s} baseline (overlayfs, pull + unpack + run): {base:6.2f} s", flush=True)
+                for mode in ("full", "index"):
+                    t, summary, rss = startup(work / f"{mode}-{shape}", refs[mode], shape, mode)
+                    print(f"{shape:5s} imgaccel {mode:5s} (lazy, no profile): {t:6.2f} s  {base / t:5.2f}x  "
+                          f"daemon peak RSS {rss:.0f} MB", flush=True)  # fmt: skip
+                    print(f"      FUSE: {summary}", flush=True)
+            lazy_ms, native_ms, idle = warm_reads(work / "warm", refs["full"], lists[shapes[0]])
+            print(f"warm open+read per file ({len(lists[shapes[0]])} files): EROFS over FUSE {lazy_ms:.4f} ms, "
+                  f"native {native_ms:.4f} ms ({lazy_ms / native_ms:.2f}x); daemon idle RSS {idle:.0f} MB "
+                  "with one image mounted", flush=True)  # fmt: skip
+        finally:
+            proxy.stop()
+            reg.stop()
+
+
+if __name__ == "__main__":
+    main()
