@@ -10,7 +10,9 @@ times, from the start of the pull to the end of the container's reads:
 
 * baseline: containerd's overlayfs snapshotter, ``ctr images pull`` + unpack, ``ctr run``;
 * imgaccel full and index-only: ``ctr-remote image rpull --snapshotter imgaccel`` (lazy),
-  ``ctr run --snapshotter imgaccel``.
+  ``ctr run --snapshotter imgaccel``; each without a profile and with the working set's
+  hot-chunk profile (recorded beforehand with ``imgaccel record``), which the daemon replays
+  when the pull first opens the image.
 
 Printed per run: seconds, the ratio baseline / run, and for lazy runs the daemon's peak RSS and
 its FUSE request summary. Then, on a fresh lazy mount: warm per-file open+read+close through
@@ -43,9 +45,13 @@ from tests.registry import start_registry
 
 
 @contextmanager
-def node(work: Path, lazy: bool) -> Iterator[tuple[list[str], subprocess.Popen[bytes] | None, Path]]:
-    """A fresh containerd; with ``lazy``, the imgaccel daemon as its proxy snapshotter."""
+def node(
+    work: Path, lazy: bool, profile: str | None = None
+) -> Iterator[tuple[list[str], subprocess.Popen[bytes] | None, Path]]:
+    """A fresh containerd; with ``lazy``, the imgaccel daemon as its proxy snapshotter,
+    replaying the image's ``profile`` (a label) when it first opens it."""
     work.mkdir(parents=True)
+    (work / "node.yaml").write_text(f"profile_label: {profile or 'null'}\n")
     sock, root = work / "imgaccel.sock", work / "imgaccel-root"
     daemon = None
     extra = f'[proxy_plugins.imgaccel]\n  type = "snapshot"\n  address = "{sock}"\n' if lazy else ""
@@ -53,8 +59,8 @@ def node(work: Path, lazy: bool) -> Iterator[tuple[list[str], subprocess.Popen[b
         if lazy:
             log = open(work / "daemon.log", "wb")  # noqa: SIM115 - the daemon writes it
             daemon = subprocess.Popen(
-                [sys.executable, "-m", "imgaccel.cli.main", "snapshotter", "--socket", str(sock), "--root",
-                 str(root), "--cache-dir", str(work / "cache")],
+                [sys.executable, "-m", "imgaccel.cli.main", "snapshotter", "--config", str(work / "node.yaml"),
+                 "--socket", str(sock), "--root", str(root), "--cache-dir", str(work / "cache")],
                 stdout=log, stderr=log, cwd=ROOT,
             )  # fmt: skip
             deadline = time.monotonic() + 30
@@ -79,9 +85,9 @@ def run(args: list[str]) -> None:
         raise RuntimeError(f"{' '.join(args[:6])}...: {r.stderr[-1500:]}")
 
 
-def startup(work: Path, ref: str, shape: str, mode: str | None) -> tuple[float, str, float]:
+def startup(work: Path, ref: str, shape: str, mode: str | None, profile: str | None = None) -> tuple[float, str, float]:
     """Seconds from pull to the end of the reads; FUSE summary and daemon peak RSS (MB) if lazy."""
-    with node(work, mode is not None) as (ctr, daemon, _root):
+    with node(work, mode is not None, profile) as (ctr, daemon, _root):
         ctr = [*ctr, "--namespace", "bench"]
         reader = f"/bin/busybox xargs /bin/busybox cat < /ws-{shape}.list > /dev/null"
         t0 = time.monotonic()
@@ -100,6 +106,18 @@ def startup(work: Path, ref: str, shape: str, mode: str | None) -> tuple[float, 
         found = re.findall(r"FUSE requests served: (.*)", (work / "daemon.log").read_text())
         summary = found[-1] if found else "(no summary)"
     return elapsed, summary, rss
+
+
+SUFFIX = {"full": "_containerd_accelerated", "index": "_accelerated"}
+
+
+def record(cache: Path, ref: str, shape: str) -> None:
+    """Record the working set's hot-chunk profile (label = shape) and attach it to ``ref``."""
+    script = f"/bin/busybox xargs /bin/busybox cat < /ws-{shape}.list > /dev/null"
+    subprocess.run([sys.executable, "-m", "imgaccel.cli.main", "record", ref, "--label", shape, "--cache-dir",
+                    str(cache), "--", "/bin/busybox", "sh", "-c", script], cwd=ROOT, check=True,
+                   capture_output=True)  # fmt: skip
+    shutil.rmtree(cache, ignore_errors=True)
 
 
 _PER_FILE = """
@@ -183,10 +201,13 @@ def main() -> None:
                 base, _, _ = startup(work / f"base-{shape}", refs[None], shape, None)
                 print(f"{shape:5s} baseline (overlayfs, pull + unpack + run): {base:6.2f} s", flush=True)
                 for mode in ("full", "index"):
-                    t, summary, rss = startup(work / f"{mode}-{shape}", refs[mode], shape, mode)
-                    print(f"{shape:5s} imgaccel {mode:5s} (lazy, no profile): {t:6.2f} s  {base / t:5.2f}x  "
-                          f"daemon peak RSS {rss:.0f} MB", flush=True)  # fmt: skip
-                    print(f"      FUSE: {summary}", flush=True)
+                    record(work / f"rec-{mode}-{shape}", f"{reg.host}/bench/app:v1{SUFFIX[mode]}", shape)
+                    for profile in (None, shape):
+                        t, summary, rss = startup(work / f"{mode}-{shape}-{profile}", refs[mode], shape, mode, profile)
+                        how = "profile" if profile else "no profile"
+                        print(f"{shape:5s} imgaccel {mode:5s} (lazy, {how:10s}): {t:6.2f} s  {base / t:5.2f}x  "
+                              f"daemon peak RSS {rss:.0f} MB", flush=True)  # fmt: skip
+                        print(f"      FUSE: {summary}", flush=True)
             lazy_ms, native_ms, idle = warm_reads(work / "warm", refs["full"], lists[shapes[0]])
             print(f"warm open+read per file ({len(lists[shapes[0]])} files): EROFS over FUSE {lazy_ms:.4f} ms, "
                   f"native {native_ms:.4f} ms ({lazy_ms / native_ms:.2f}x); daemon idle RSS {idle:.0f} MB "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import time
@@ -242,3 +243,21 @@ def test_a_corrupt_chunk_is_an_io_error(node: tuple[list[str], DaemonProcess], r
     log = node[1].log()
     assert layer in log and registry.host in log, log[-3000:]
     assert hashlib.sha256(bytes(data)).hexdigest() != layer.split(":")[1]
+
+
+@pytest.mark.timeout(600)
+def test_first_pull_replays_the_images_profile(node: tuple[list[str], DaemonProcess], registry: Registry,
+                                              tmp_path: Path) -> None:  # fmt: skip
+    ctr = [*node[0], "--namespace", "profiled"]
+    source = f"{registry.host}/lazy/profiled:v1"
+    push(unique_image(tmp_path, "lazy-profiled"), "v1", source)
+    assert run_cli("convert", source, "--mode", "full").code == 0
+    ref = source + SUFFIX["full"]
+    r = run_cli("record", ref, "--label", "startup", "--cache-dir", str(tmp_path / "rec"), "--plain-http", "--",
+                "/bin/sha256sum", "/data/big.bin")  # fmt: skip
+    assert r.code == 0, r.err
+    rpull(ctr, ref)
+    out = ctr_run(ctr, "run", "--rm", "--snapshotter", "imgaccel", ref, "profiled", "/bin/sha256sum", "/data/big.bin")
+    assert out.split()[0] == source_files(source)["/data/big.bin"]
+    replayed = re.findall(r"replayed profile 'startup': (\d+) chunks", node[1].log())
+    assert replayed and int(replayed[-1]) > 0, node[1].log()[-2000:]

@@ -38,6 +38,7 @@ class NodeConfig(BaseModel):
     plain_http_loopback: bool = True  # 127.0.0.0/8, ::1 and localhost registries over plain HTTP
     docker_config: Path | None = None  # credentials file (default $DOCKER_CONFIG/config.json, ~/.docker/...)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    profile_label: str | None = "startup"  # hot-chunk profile replayed when an image is first pulled (null: off)
 
     @field_validator("plain_http")
     @classmethod

@@ -64,7 +64,7 @@ class ErofsLayers:
         self._clients: dict[str, RegistryClient] = {}
         self._stack = AsyncExitStack()
         self._client_lock = asyncio.Lock()
-        self.images = LazyImages(self._client, ChunkCache(config.cache_dir))
+        self.images = LazyImages(self._client, ChunkCache(config.cache_dir), profile_label=config.profile_label)
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._users: defaultdict[str, set[str]] = defaultdict(set)  # layer hex -> snapshot names
         self._restoring: list[asyncio.Task[None]] = []
@@ -95,6 +95,7 @@ class ErofsLayers:
         """Stop serving; the FUSE and EROFS mounts stay for the next daemon."""
         for task in self._restoring:
             task.cancel()
+        self.images.close()
         if self.blobs is not None:
             log.info("FUSE requests served: %s", fuse_summary(self.blobs.stats))
             await self.blobs.close()

@@ -11,6 +11,9 @@ containerd passes the image and layer in Prepare labels, and who sets them decid
 (``reader.accelerated_image.open_image``: a full-mode manifest's TOCs, or the index-only
 artifact attached to the manifest as a referrer or in the ``_accelerated`` index) and keeps it
 per manifest, so every layer of a pull costs no more registry round trips than the first.
+When it first opens an image it also looks up the image's hot-chunk profile for the node's
+label and replays it in the background (``reader.prefetch.replay_profile``), so the chunks a
+start-up reads are on their way before the container asks for them.
 ``LayerTar`` exposes one layer's uncompressed tar, read through the verified ``LayerReader``,
 as the ``size`` + ``read`` source the FUSE data server serves.
 """
@@ -19,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -28,7 +33,10 @@ from imgaccel.pusher.reference import ImageRef, ReferenceError, parse_reference
 from imgaccel.reader.accelerated_image import AcceleratedImage, ImageOpenError, open_image
 from imgaccel.reader.chunk_cache import ChunkCache
 from imgaccel.reader.layer_reader import FetchSlots, LayerReader
+from imgaccel.reader.prefetch import replay_profile
+from imgaccel.reader.profiles import find_profile
 
+log = logging.getLogger(__name__)
 ClientFactory = Callable[[str], Awaitable[RegistryClient]]  # registry host -> its client
 
 SNAPSHOT_REF = "containerd.io/snapshot.ref"
@@ -78,12 +86,15 @@ class LazyImages:
         cache: ChunkCache | None = None,
         slots: FetchSlots | None = None,
         platform: str | None = None,
+        profile_label: str | None = None,
     ) -> None:
         self._client_for = client_for
         self._cache = cache
         self._slots = slots or FetchSlots()
         self._platform = platform
+        self._profile_label = profile_label
         self._images: dict[ImageRef, asyncio.Task[AcceleratedImage]] = {}
+        self._replays: set[asyncio.Task[None]] = set()
 
     async def layer(self, target: LayerTarget) -> LayerReader:
         image = await self._open(target.image)
@@ -104,7 +115,28 @@ class LazyImages:
 
     async def _open_once(self, ref: ImageRef) -> AcceleratedImage:
         client = await self._client_for(ref.registry)
-        return await open_image(client, ref, self._platform, self._cache, self._slots)
+        image = await open_image(client, ref, self._platform, self._cache, self._slots)
+        if self._profile_label:
+            task = asyncio.create_task(self._replay(client, image, self._profile_label))
+            self._replays.add(task)
+            task.add_done_callback(self._replays.discard)
+        return image
+
+    async def _replay(self, client: RegistryClient, image: AcceleratedImage, label: str) -> None:
+        try:
+            profile = await find_profile(client, image, label)
+            if profile is None:
+                log.info("%s: no %r profile to replay", image.ref, label)
+                return
+            t0 = time.monotonic()
+            n = await replay_profile(image, profile)
+            log.info("%s: replayed profile %r: %d chunks in %.2f s", image.ref, label, n, time.monotonic() - t0)
+        except Exception as e:  # a profile only speeds things up: never fail a pull on it
+            log.warning("%s: profile %r not replayed: %s", image.ref, label, e)
+
+    def close(self) -> None:
+        for task in self._replays:
+            task.cancel()
 
     def forget(self, ref: ImageRef) -> None:
         self._images.pop(ref, None)
