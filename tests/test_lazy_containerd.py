@@ -23,14 +23,13 @@ from fixtures.build_images import push, unique_image
 from imgaccel.pusher.client import RegistryClient
 from imgaccel.pusher.reference import parse_reference
 from imgaccel.reader.check import reference_tree
-from imgaccel.snapshotter.erofs_layers import unmount_all
-from tests.containerd import MISSING, running_containerd
+from tests.containerd import MISSING
 from tests.cri import api_pb2 as cri
 from tests.cri import api_pb2_grpc as cri_grpc
 from tests.erofs_mount import missing_for_mounts
 from tests.helpers import get_json, run_cli
 from tests.registry import Registry
-from tests.test_snapshotter import SCRIPT, DaemonProcess, blobs, check_image_view, ctr_run
+from tests.test_snapshotter import SCRIPT, DaemonProcess, blobs, check_image_view, ctr_run, node_with_daemon
 
 WHY = missing_for_mounts("erofs", "overlay") or (f"missing {', '.join(MISSING)}" if MISSING else "")
 if not os.path.exists("/dev/fuse"):
@@ -42,35 +41,9 @@ SUFFIX = {"index": "_accelerated", "full": "_containerd_accelerated"}
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory, registry: Registry) -> Iterator[tuple[list[str], DaemonProcess]]:
     """containerd pulling through the real daemon; every mount it made is taken down after."""
-    work = tmp_path_factory.mktemp("lazy-node")
-    daemon = DaemonProcess(work, registry)
-    extra = f"""
-[proxy_plugins.imgaccel]
-  type = "snapshot"
-  address = "{daemon.socket}"
-[plugins."io.containerd.grpc.v1.cri"]
-  stream_server_address = "127.0.0.1"
-  stream_server_port = "0"
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "imgaccel"
-    disable_snapshot_annotations = false
-  [plugins."io.containerd.grpc.v1.cri".registry.mirrors."{registry.host}"]
-    endpoint = ["http://{registry.host}"]
-"""
-    (work / "containerd").mkdir()
-    try:
-        with running_containerd(work / "containerd", extra) as ctr:
-            daemon.ctr = ctr
-            daemon.start(None)
-            try:
-                yield ctr, daemon
-            finally:
-                if daemon.proc is not None:
-                    daemon.stop()
-                subprocess.run([*ctr, "--namespace", "lazy", "tasks", "kill", "-s", "KILL", "reader"], check=False,
-                               capture_output=True)  # fmt: skip
-    finally:
-        asyncio.run(unmount_all(daemon.root))
+    with node_with_daemon(tmp_path_factory.mktemp("lazy-node"), registry) as (ctr, daemon):
+        daemon.start(None)
+        yield ctr, daemon
 
 
 def platform_layers(ref: str) -> list[str]:

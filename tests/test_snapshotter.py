@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -432,10 +433,10 @@ class DaemonProcess:
         return [json.loads(line) for line in self.record.read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory, registry: Registry) -> Iterator[tuple[list[str], DaemonProcess]]:
-    """containerd (CRI enabled, pulling through imgaccel) and the daemon's process handle."""
-    work = tmp_path_factory.mktemp("node")
+@contextmanager
+def node_with_daemon(work: Path, registry: Registry) -> Iterator[tuple[list[str], DaemonProcess]]:
+    """containerd (CRI enabled, pulling through imgaccel) and the daemon's process handle (not
+    started); afterwards the daemon is stopped and every mount it made is taken down."""
     daemon = DaemonProcess(work, registry)
     extra = f"""
 [proxy_plugins.imgaccel]
@@ -461,6 +462,12 @@ def node(tmp_path_factory: pytest.TempPathFactory, registry: Registry) -> Iterat
                     daemon.stop()
     finally:
         asyncio.run(unmount_all(daemon.root))  # the real daemon's FUSE data mount and holder
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory, registry: Registry) -> Iterator[tuple[list[str], DaemonProcess]]:
+    with node_with_daemon(tmp_path_factory.mktemp("node"), registry) as found:
+        yield found
 
 
 @pytest.fixture
