@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 
 
 class ErofsLayers:
+    """The node daemon's ``RemoteLayers``: lazy layers as EROFS mounts over FUSE-served tars."""
+
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         self.base = config.root / "lazy"
