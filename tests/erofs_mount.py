@@ -1,4 +1,5 @@
-"""Kernel mounts for tests: file-backed EROFS through mount(2), overlayfs, and why they can't run.
+"""Kernel mounts for tests (through ``snapshotter.mounts``): file-backed EROFS, overlayfs, and
+why they can't run here.
 
 util-linux ``mount`` would put a loop device under a regular file; calling mount(2) directly
 gives the file-backed EROFS mount the node daemon uses (kernel >= 6.12).
@@ -6,37 +7,14 @@ gives the file-backed EROFS mount the node daemon uses (kernel >= 6.12).
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import os
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-MS_RDONLY = 1
-MNT_DETACH = 2
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-
-
-def mount(source: str | Path, target: str | Path, fstype: str, flags: int = 0, data: str = "") -> None:
-    r = _libc.mount(os.fsencode(source), os.fsencode(target), fstype.encode(), flags, data.encode() or None)
-    if r != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, f"mount -t {fstype} {source} {target} ({data}): {os.strerror(e)}")
-
-
-def umount(target: str | Path) -> None:
-    """Unmount ``target``; if it stays busy, detach it so that nothing is left behind."""
-    if _libc.umount2(os.fsencode(target), 0) == 0:
-        return
-    e = ctypes.get_errno()
-    if e == errno.EBUSY and _libc.umount2(os.fsencode(target), MNT_DETACH) == 0:
-        return
-    raise OSError(e, f"umount {target}: {os.strerror(e)}")
+from imgaccel.snapshotter.mounts import MS_RDONLY, mount
+from imgaccel.snapshotter.mounts import umount_or_detach as umount
 
 
 @contextmanager
