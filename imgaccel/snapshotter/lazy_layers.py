@@ -138,9 +138,6 @@ class LazyImages:
         for task in self._replays:
             task.cancel()
 
-    def forget(self, ref: ImageRef) -> None:
-        self._images.pop(ref, None)
-
 
 @dataclass
 class LayerTar:
