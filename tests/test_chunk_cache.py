@@ -242,15 +242,13 @@ def test_profile_records_how_far_into_a_span_reads_went(tmp_path: Path, tar: byt
     from imgaccel.formats.profile import Profile
     from imgaccel.pusher.reference import parse_reference
     from imgaccel.reader.accelerated_image import AcceleratedImage
-    from imgaccel.reader.merged_view import MergedView
     from imgaccel.reader.profiles import build_profile
 
     _, reader = _index_reader(tmp_path, tar)
     reader.readahead = 0
     first, second = reader.index.chunks[0], reader.index.chunks[1]
     image = AcceleratedImage(parse_reference("127.0.0.1:1/r:t"), "sha256:" + "0" * 64, "m", 0, "index",
-                             "sha256:" + "1" * 64, None, [reader], MergedView([reader.index.entries]),
-                             [reader.blob_digest])  # fmt: skip
+                             "sha256:" + "1" * 64, None, [reader], [reader.blob_digest])  # fmt: skip
     asyncio.run(reader.read(second.u_offset + 10, 100))  # second chunk first, near its start
     asyncio.run(reader.read(first.u_offset + 2_000_000, 5000))
     profile = Profile.model_validate_json(build_profile(image, "startup").model_dump_json())

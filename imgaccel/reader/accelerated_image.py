@@ -13,6 +13,7 @@ import hashlib
 import platform as host_platform
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import cached_property
 
 from imgaccel.formats import layer_index as li
 from imgaccel.formats import oci, toc
@@ -45,8 +46,13 @@ class AcceleratedImage:
     manifest_digest: str  # the platform manifest the layers belong to
     source_digest: str | None
     layers: list[LayerReader]
-    view: MergedView
     layer_digests: list[str]  # the platform manifest's layers, in order: what a runtime pulls
+
+    @cached_property
+    def view(self) -> MergedView:
+        """The layers merged as a runtime would see them (built on first use: the node daemon,
+        which lets the kernel merge, never pays for it)."""
+        return MergedView([layer.index.entries for layer in self.layers])
 
     def stat(self, path: str, follow: bool = False) -> Node:
         return self.view.lookup(path, follow)[1]
@@ -235,8 +241,7 @@ async def open_image(
             raise ImageOpenError(f"{ref}: not an accelerated image (no imgaccel index for {manifest.digest})")
         layers = await _index_layers(client, ref, parsed, artifact, cache, slots)
         mode, source = "index", manifest.digest
-    view = MergedView([layer.index.entries for layer in layers])
     digests = [layer.digest for layer in parsed.layers]
     return AcceleratedImage(
-        ref, top.digest, top.media_type, len(top.data), mode, manifest.digest, source, layers, view, digests
+        ref, top.digest, top.media_type, len(top.data), mode, manifest.digest, source, layers, digests
     )

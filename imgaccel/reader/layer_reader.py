@@ -153,17 +153,12 @@ class LayerReader:
         """``length`` bytes of the uncompressed tar at ``offset`` (short at the end). ``limit``
         is where the data being read ends (a file's last byte + 1): readahead stops there."""
         end = min(offset + length, self.index.uncompressed_size)
-        positions = self.index.chunk_range(offset, end)
-        now = time.monotonic()
-        for p in positions:
-            self.first_reads.setdefault(p, now)
+        positions = self.note_read(offset, end - offset)
         parts: dict[int, bytes] = {}
         needed: dict[int, int] = {}
         for p in positions:
             c = self.index.chunks[p]
             lo, hi = max(offset - c.u_offset, 0), min(end - c.u_offset, c.u_size)
-            if hi > self.read_upto.get(p, 0):
-                self.read_upto[p] = hi
             if (data := self._cache.get(p)) is not None and len(data) >= hi:
                 self._cache.move_to_end(p)
                 parts[p] = data[lo:hi]
@@ -178,6 +173,20 @@ class LayerReader:
             self._read_ahead(positions[-1] + 1, self.index.uncompressed_size if limit is None else limit)
         self._last_end = end
         return b"".join(parts[p] for p in positions)
+
+    def note_read(self, offset: int, length: int) -> list[int]:
+        """Record a foreground read of ``length`` bytes at ``offset`` for a profile
+        (``first_reads``, ``read_upto``), whoever serves its bytes; the chunk positions it spans."""
+        end = min(offset + length, self.index.uncompressed_size)
+        positions = self.index.chunk_range(offset, end)
+        now = time.monotonic()
+        for p in positions:
+            self.first_reads.setdefault(p, now)
+            c = self.index.chunks[p]
+            hi = min(end - c.u_offset, c.u_size)
+            if hi > self.read_upto.get(p, 0):
+                self.read_upto[p] = hi
+        return positions
 
     async def _chunks(self, needed: dict[int, int], nested: bool = False) -> dict[int, bytes]:
         """Decoded, verified bytes of each chunk position, at least ``needed[p]`` of them."""
