@@ -46,12 +46,13 @@ from tests.registry import start_registry
 
 @contextmanager
 def node(
-    work: Path, lazy: bool, profile: str | None = None
+    work: Path, lazy: bool, profile: str | None = None, background_fetch: str = "no-profile"
 ) -> Iterator[tuple[list[str], subprocess.Popen[bytes] | None, Path]]:
     """A fresh containerd; with ``lazy``, the imgaccel daemon as its proxy snapshotter,
-    replaying the image's ``profile`` (a label) when it first opens it."""
+    replaying the image's ``profile`` (a label) when it first opens it, else fetching it whole
+    in the background (``background_fetch``, the node daemon's default)."""
     work.mkdir(parents=True)
-    (work / "node.yaml").write_text(f"profile_label: {profile or 'null'}\n")
+    (work / "node.yaml").write_text(f"profile_label: {profile or 'null'}\nbackground_fetch: '{background_fetch}'\n")
     sock, root = work / "imgaccel.sock", work / "imgaccel-root"
     daemon = None
     extra = f'[proxy_plugins.imgaccel]\n  type = "snapshot"\n  address = "{sock}"\n' if lazy else ""
@@ -168,18 +169,86 @@ def warm_reads(work: Path, ref: str, files: list[str]) -> tuple[float, float, fl
     return lazy_ms, native_ms, rss
 
 
+def spread_files(count: int, size: int) -> list[str]:
+    """About ``count`` real files of this machine (paths without the leading /) holding about
+    ``size`` bytes: every k-th file under /usr (a real tree's mix of small and big files), then
+    the largest of the rest until the bytes are reached, in tree order."""
+    found: list[tuple[str, int]] = []
+    for dirpath, dirs, names in os.walk("/usr"):
+        dirs.sort()
+        for n in sorted(names):
+            p = os.path.join(dirpath, n)
+            if os.path.islink(p) or not os.path.isfile(p) or not os.access(p, os.R_OK):
+                continue
+            found.append((p.lstrip("/"), os.path.getsize(p)))
+    step = max(len(found) // count, 1)
+    picked = set(range(0, len(found), step)[:count])
+    total = sum(found[i][1] for i in picked)
+    for i in sorted(picked, key=lambda i: -found[i][1]):  # too many bytes: drop the biggest files
+        if total <= size:
+            break
+        picked.discard(i)
+        total -= found[i][1]
+    for i in sorted(set(range(len(found))) - picked, key=lambda i: -found[i][1]):  # too few: add big ones
+        if total >= size * 0.98:
+            break
+        if total + found[i][1] > size:
+            continue
+        picked.add(i)
+        total += found[i][1]
+    return [found[i][0] for i in sorted(picked)]
+
+
+def idle_rss(work: Path, refs: list[str]) -> tuple[float, float]:
+    """Daemon RSS (MB) with every image of ``refs`` pulled lazily and one container run on each,
+    once idle: (right after, with no background fetch; after the background fetch of all)."""
+    out = []
+    for fetch in ("off", "no-profile"):
+        with node(work / f"idle-{fetch}", True, background_fetch=fetch) as (ctr, daemon, root):
+            ctr = [*ctr, "--namespace", "bench"]
+            address = ctr[ctr.index("--address") + 1]
+            for i, ref in enumerate(refs):
+                run(["ctr-remote", "--address", address, "--namespace", "bench", "image", "rpull", "--snapshotter",
+                     "imgaccel", "--plain-http", ref])  # fmt: skip
+                run([*ctr, "run", "--rm", "--snapshotter", "imgaccel", ref, f"c{i}", "/bin/busybox", "true"])
+            assert daemon is not None
+            if fetch != "off":  # wait until every layer is written out locally
+                deadline = time.monotonic() + 1800
+                while len(list((root / "lazy" / "layers").glob("*/layer.tar"))) < len(refs):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("background fetch did not finish")
+                    time.sleep(2)
+            time.sleep(5)
+            for line in Path(f"/proc/{daemon.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    out.append(int(line.split()[1]) / 1024)
+    return out[0], out[1]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="512MiB")
     ap.add_argument("--working-set", type=float, default=0.06)
     ap.add_argument("--shapes", default="tree,files")
+    ap.add_argument(
+        "--files",
+        type=int,
+        default=0,
+        help="about this many files spread over /usr (0: the first --size bytes of /usr/lib, /usr/share)",
+    )
     ap.add_argument("--warm-only", action="store_true", help="only the warm per-file reads and idle RSS")
+    ap.add_argument(
+        "--idle-images",
+        type=int,
+        default=0,
+        help="also measure the daemon's idle RSS with this many images (slices of the files) mounted",
+    )
     args = ap.parse_args()
     if os.geteuid() != 0 or shutil.which("ctr-remote") is None:
         sys.exit("needs root, containerd and ctr-remote (scripts/install installs them)")
     with tempfile.TemporaryDirectory(prefix="imgaccel-ctd-bench-", dir="/var/tmp") as tmp:
         work = Path(tmp)
-        files = real_files(parse_size(args.size))
+        files = spread_files(args.files, parse_size(args.size)) if args.files else real_files(parse_size(args.size))
         shapes = args.shapes.split(",")
         lists = {s: working_set(files, args.working_set, s) for s in shapes}
         gz, diff_id, tar_size = build_image(work, files, lists)
@@ -212,6 +281,22 @@ def main() -> None:
             print(f"warm open+read per file ({len(lists[shapes[0]])} files): EROFS over FUSE {lazy_ms:.4f} ms, "
                   f"native {native_ms:.4f} ms ({lazy_ms / native_ms:.2f}x); daemon idle RSS {idle:.0f} MB "
                   "with one image mounted", flush=True)  # fmt: skip
+            if args.idle_images:
+                refs_idle = []
+                for i in range(args.idle_images):
+                    part = files[i :: args.idle_images]
+                    (work / f"img{i}").mkdir()
+                    gz_i, diff_i, _ = build_image(work / f"img{i}", part, {})
+                    asyncio.run(push_layer(reg.host, f"bench/idle{i}", gz_i, diff_i))
+                    gz_i.unlink()
+                    idle_ref = f"{reg.host}/bench/idle{i}:v1"
+                    subprocess.run([sys.executable, "-m", "imgaccel.cli.main", "convert", idle_ref, "--mode", "full"],
+                                   cwd=ROOT, check=True, capture_output=True)  # fmt: skip
+                    refs_idle.append(f"{reg.host}/bench/idle{i}:v1_containerd_accelerated")
+                just_pulled, fetched = idle_rss(work, refs_idle)
+                print(f"daemon idle RSS with {len(refs_idle)} images mounted ({len(files) // len(refs_idle)} files "
+                      f"each): {just_pulled:.0f} MB after the pulls, {fetched:.0f} MB once all were fetched and "
+                      "written out", flush=True)  # fmt: skip
         finally:
             proxy.stop()
             reg.stop()

@@ -23,9 +23,9 @@ from fixtures.build_images import push, unique_image
 from imgaccel.pusher.client import RegistryClient
 from imgaccel.pusher.reference import parse_reference
 from imgaccel.reader.check import reference_tree
+from imgaccel.snapshotter.api.runtime.v1 import api_pb2 as cri
+from imgaccel.snapshotter.api.runtime.v1 import api_pb2_grpc as cri_grpc
 from tests.containerd import MISSING
-from tests.cri import api_pb2 as cri
-from tests.cri import api_pb2_grpc as cri_grpc
 from tests.erofs_mount import missing_for_mounts
 from tests.helpers import get_json, run_cli
 from tests.registry import Registry
@@ -41,8 +41,12 @@ SUFFIX = {"index": "_accelerated", "full": "_containerd_accelerated"}
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory, registry: Registry) -> Iterator[tuple[list[str], DaemonProcess]]:
     """containerd pulling through the real daemon; every mount it made is taken down after."""
-    with node_with_daemon(tmp_path_factory.mktemp("lazy-node"), registry) as (ctr, daemon):
-        daemon.start(None)
+    work = tmp_path_factory.mktemp("lazy-node")
+    # No background fetch: these tests need reads to reach the registry when the container makes
+    # them (a corrupt chunk fetched before it was damaged would hide the damage).
+    (work / "node.yaml").write_text("background_fetch: 'off'\n")
+    with node_with_daemon(work, registry) as (ctr, daemon):
+        daemon.start(None, work / "node.yaml")
         yield ctr, daemon
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from fixtures.build_images import push, unique_image
 from imgaccel.pusher.client import RegistryClient
+from imgaccel.snapshotter.image_warmup import WarmUp
 from imgaccel.snapshotter.lazy_layers import (
     CRI_IMAGE_REF,
     CRI_LAYER,
@@ -23,9 +24,12 @@ from imgaccel.snapshotter.lazy_layers import (
     LazyImages,
     NoLazyForm,
     layer_target,
+    write_local_tar,
 )
 from tests.helpers import get_bytes, get_json
 from tests.registry import Registry
+
+NO_WARM_UP = WarmUp(profile_label=None, background_fetch="off")
 
 
 def manifest_and_diff_ids(ref: str) -> tuple[str, list[str], list[str]]:
@@ -62,7 +66,7 @@ def check_layers(ref: str, labels_for: object) -> int:
                 assert registry == host
                 return client
 
-            lazy = LazyImages(client_for)
+            lazy = LazyImages(client_for, warm_up=NO_WARM_UP)
             for layer, diff_id in zip(layers, diff_ids, strict=True):
                 labels = labels_for(ref, manifest, layer)  # type: ignore[operator]
                 reader = await lazy.layer(layer_target(labels))
@@ -98,3 +102,56 @@ def test_plain_images_and_pulls_have_no_lazy_form(registry: Registry, tmp_path: 
     push(unique_image(tmp_path, "never-converted"), "v1", ref)
     with pytest.raises(NoLazyForm, match="not an accelerated image"):
         check_layers(ref, cri_labels)
+
+
+def test_a_local_copy_is_checked_against_the_diff_id(converted: dict[str, str], tmp_path: Path) -> None:
+    """A fully read layer written out is the tar its diff_id names; a copy that does not hash to
+    it is refused and nothing is left behind."""
+    ref = converted["full"]
+    manifest, layers, diff_ids = manifest_and_diff_ids(ref)
+    host = ref.split("/", 1)[0]
+
+    async def go() -> None:
+        async with RegistryClient(host) as client:
+
+            async def client_for(registry: str) -> RegistryClient:
+                return client
+
+            lazy = LazyImages(client_for, warm_up=NO_WARM_UP)
+            reader = await lazy.layer(layer_target(cri_labels(ref, manifest, layers[-1])))
+            good = tmp_path / "layer.tar"
+            await write_local_tar(reader, good, piece=100_000)
+            assert "sha256:" + hashlib.sha256(good.read_bytes()).hexdigest() == diff_ids[-1]
+            assert await read_all(LayerTar(reader, host, local=good)) == diff_ids[-1]
+            reader.index = reader.index.model_copy(update={"diff_id": "sha256:" + "0" * 64})
+            with pytest.raises(OSError, match="diff_id is sha256:0000"):
+                await write_local_tar(reader, tmp_path / "bad.tar")
+            assert sorted(p.name for p in tmp_path.iterdir()) == ["layer.tar"]
+
+    asyncio.run(go())
+
+
+def test_an_image_is_closed_when_none_of_its_layers_is_in_use(converted: dict[str, str]) -> None:
+    ref = converted["index"]
+    manifest, layers, _ = manifest_and_diff_ids(ref)
+    host = ref.split("/", 1)[0]
+
+    async def go() -> None:
+        async with RegistryClient(host) as client:
+
+            async def client_for(registry: str) -> RegistryClient:
+                return client
+
+            lazy = LazyImages(client_for, warm_up=NO_WARM_UP)
+            for layer in layers:
+                await lazy.layer(layer_target(cri_labels(ref, manifest, layer)))
+            assert len(lazy.opened()) == 1
+            for layer in layers[:-1]:
+                lazy.release(layer)
+                assert len(lazy.opened()) == 1  # one of its layers is still mounted
+            lazy.release(layers[-1])
+            assert lazy.opened() == []
+            await lazy.layer(layer_target(cri_labels(ref, manifest, layers[0])))  # opens it again
+            assert len(lazy.opened()) == 1
+
+    asyncio.run(go())

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from fixtures.build_images import real_bytes
@@ -32,7 +33,9 @@ from imgaccel.cli.node_commands import node_config
 from imgaccel.snapshotter import filters
 from imgaccel.snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from imgaccel.snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
-from imgaccel.snapshotter.config import ConfigError, NodeConfig, containerd_snippet, load_node_config
+from imgaccel.snapshotter.api.runtime.v1 import api_pb2 as cri
+from imgaccel.snapshotter.api.runtime.v1 import api_pb2_grpc as cri_grpc
+from imgaccel.snapshotter.config import ConfigError, CriProxyConfig, NodeConfig, containerd_snippet, load_node_config
 from imgaccel.snapshotter.daemon import Daemon
 from imgaccel.snapshotter.erofs_layers import unmount_all
 from imgaccel.snapshotter.metadata import (
@@ -45,8 +48,6 @@ from imgaccel.snapshotter.metadata import (
 )
 from imgaccel.snapshotter.snapshots import LABEL_REMOTE, LABEL_TARGET, Snapshotter
 from tests.containerd import MISSING, running_containerd
-from tests.cri import api_pb2 as cri
-from tests.cri import api_pb2_grpc as cri_grpc
 from tests.helpers import get_json
 from tests.registry import Registry
 
@@ -354,6 +355,17 @@ def test_node_config(tmp_path: Path) -> None:
     assert r.exit_code == 2 and "bogus" in r.output
 
 
+def test_the_reference_config_lists_every_field_at_its_default() -> None:
+    """deploy/node.yaml documents the node configuration: every field, each at its default."""
+    text = (REPO / "deploy" / "node.yaml").read_text()
+    assert set(yaml.safe_load(text)) == set(NodeConfig.model_fields)
+    assert load_node_config(REPO / "deploy" / "node.yaml") == NodeConfig()
+    for line in text.splitlines():  # the commented-out cri_proxy example holds CriProxyConfig's defaults
+        if line.startswith("#     ") and ":" in line:
+            key, _, value = line[1:].split("#")[0].strip().partition(":")
+            assert str(getattr(CriProxyConfig(), key)) == value.strip(), line
+
+
 # -- real containerd ---------------------------------------------------------------------------------------
 
 
@@ -368,14 +380,18 @@ class DaemonProcess:
         self.root = workdir / "imgaccel-root"
         self.record = workdir / "hook-calls.jsonl"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.config: Path | None = None
 
-    def start(self, hook: str | None) -> None:
-        """``hook``: None (the real CLI, no remote layers), "extract" or "decline" (tests.remote_layers)."""
-        assert self.proc is None
+    def start(self, hook: str | None, config: Path | None = None) -> None:
+        """``hook``: None (the real CLI, no remote layers), "extract" or "decline" (tests.remote_layers);
+        ``config``: a node configuration YAML for the real CLI (kept for later restarts)."""
+        self.config = config = config or self.config
+        assert self.proc is None and (config is None or hook is None)
         common = ["--socket", str(self.socket), "--root", str(self.root)]
+        common += ["--config", str(config)] if config is not None else []
         if hook is None:
             code = "from imgaccel.cli.node_commands import snapshotter; snapshotter()"
-            cmd = [sys.executable, "-c", code, *common]
+            cmd = [sys.executable, "-c", code, *common, "--cache-dir", str(self.workdir / "chunk-cache")]
         else:
             cmd = [sys.executable, "-m", "tests.remote_layers", *common, "--registry-root", str(self.registry.root),
                    "--layers", str(self.workdir / "layers"), "--record", str(self.record)]  # fmt: skip

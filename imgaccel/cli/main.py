@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # the conversion pipeline and progress bars are imported by t
 
 from .common import FAILURES, LimitParam, SizeParam, describe, err, fail, parse_ref, registry_client, run_command
 from .mount_commands import cache, mount, prefetch, record, umount
-from .node_commands import node_config, node_unmount, snapshotter
+from .node_commands import node, node_config, node_unmount, snapshotter
 from .quoting import shell_escape
 from .service_commands import jobs, serve
 
@@ -340,6 +340,9 @@ main.add_command(prefetch)
 main.add_command(snapshotter)
 main.add_command(node_config)
 main.add_command(node_unmount)
+main.add_command(node)
+node.add_command(node_config, "config")
+node.add_command(node_unmount, "unmount")
 
 if __name__ == "__main__":
     main()

@@ -8,6 +8,7 @@ anything at that path is refused with a one-line error saying what to run.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import logging
 import os
@@ -143,6 +144,8 @@ def prepare_mountpoint(mountpoint: str) -> None:
 @click.option("--cache-size", default=str(DEFAULT_LIMIT), help="Chunk cache limit (e.g. 10GiB).")
 @click.option("--layers", "per_layer", is_flag=True,
               help="One directory per layer (0, 1, ...) in overlayfs form, for a snapshotter to stack.")  # fmt: skip
+@click.option("--layer", "only_layer", metavar="DIGEST",
+              help="Serve only this layer, as directory 0 in overlayfs form (a snapshotter's lowerdir).")  # fmt: skip
 @click.option("--fetch-gap", default="64KiB", show_default=True,
               help="Merge Range requests for chunks at most this far apart in the blob.")  # fmt: skip
 @click.option("--daemon", is_flag=True, help="Mount in the background; returns once the mount is ready.")
@@ -157,8 +160,8 @@ def prepare_mountpoint(mountpoint: str) -> None:
 @click.option("--metrics-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Write Prometheus metrics (bytes fetched, cache hits, latency) here every 5 s.")  # fmt: skip
 def mount(ref: str, mountpoint: str, platform: str | None, plain_http: bool, cache_dir: Path, cache_size: str,
-          per_layer: bool, fetch_gap: str, daemon: bool, pid_file: Path | None, log_file: Path | None,
-          label: str, no_prefetch: bool, background_rate: str | None, max_requests: int,
+          per_layer: bool, only_layer: str | None, fetch_gap: str, daemon: bool, pid_file: Path | None,
+          log_file: Path | None, label: str, no_prefetch: bool, background_rate: str | None, max_requests: int,
           metrics_file: Path | None) -> None:  # fmt: skip
     """Mount REF read-only at MOUNTPOINT (merged layers), fetching chunks as they are read."""
     parsed = parse_ref(ref)
@@ -210,15 +213,21 @@ def mount(ref: str, mountpoint: str, platform: str | None, plain_http: bool, cac
                      time.monotonic() - started)  # fmt: skip
             for layer in image.layers:
                 layer.gap = gap
+            served = image
+            if only_layer:  # the profile and metrics still cover the whole image
+                if only_layer not in image.layer_digests:
+                    raise ValueError(f"{parsed}: the image has no layer {only_layer}")
+                i = image.layer_digests.index(only_layer)
+                served = dataclasses.replace(image, layers=[image.layers[i]], layer_digests=[only_layer])
             background: list[asyncio.Task[Any]] = [asyncio.create_task(warm(client, image))]
             if metrics_file:
                 background.append(asyncio.create_task(NodeMetrics(image).write_every(metrics_file)))
             try:
                 await serve_mount(
-                    image,
+                    served,
                     mountpoint,
                     lambda: log.info("mounted %s after %.2f s", parsed, time.monotonic() - started),
-                    per_layer,
+                    per_layer or only_layer is not None,
                 )
             finally:
                 for task in background:

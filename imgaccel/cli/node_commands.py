@@ -1,5 +1,6 @@
-"""``imgaccel snapshotter`` (run the node daemon containerd uses as a proxy snapshotter) and
-``imgaccel node-config`` (print the containerd config.toml lines that point containerd at it).
+"""``imgaccel snapshotter`` (run the node daemon containerd uses as a proxy snapshotter),
+``imgaccel node status`` (ask it what it is doing), ``imgaccel node-config`` (print the
+containerd config.toml lines that point containerd at it) and ``imgaccel node-unmount``.
 
 Both read the same YAML node configuration (``--config``; embedded defaults without one), with
 ``--socket``, ``--root`` and ``--cache-dir`` overriding it. A bad configuration is a usage error
@@ -63,6 +64,38 @@ def node_unmount(config_path: Path | None, root: Path | None) -> None:
     config = _load(config_path, None, root, None)
     for mountpoint in asyncio.run(unmount_all(config.root)):
         click.echo(f"unmounted {mountpoint}")
+
+
+@click.command("status")
+@config_opt
+@root_opt
+@click.option("--socket", "status_socket", type=_path, help="The daemon's status socket (default <root>/status.sock).")
+@click.option("--json", "as_json", is_flag=True, help="Print the status document (JSON) instead of text.")
+def node_status(config_path: Path | None, root: Path | None, status_socket: Path | None, as_json: bool) -> None:
+    """Show what the running node daemon does: snapshots, images and layers it serves lazily,
+    bytes fetched and cached, profile replays and recordings, FUSE requests and fallbacks."""
+    import asyncio
+
+    from imgaccel.snapshotter.status import StatusError, fetch_status, render
+
+    config = _load(config_path, None, root, None)
+    path = status_socket.absolute() if status_socket is not None else config.status_path
+    try:
+        status = asyncio.run(fetch_status(path))
+    except StatusError as e:
+        raise click.ClickException(str(e)) from None
+    if as_json:
+        click.echo(status.model_dump_json(indent=2))
+    else:
+        click.echo("\n".join(render(status)))
+
+
+@click.group("node")
+def node() -> None:
+    """The node daemon: status, containerd config, unmounting."""
+
+
+node.add_command(node_status)
 
 
 @click.command("node-config")

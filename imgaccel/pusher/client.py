@@ -153,6 +153,12 @@ class RegistryClient:
             self._spool_dir = None
             self._spools.clear()
 
+    def set_credentials(self, credentials: Credentials | None) -> None:
+        """Authenticate with ``credentials`` from now on: the Authorization values obtained with the
+        previous ones (basic headers, bearer tokens) are dropped, so the next request asks again."""
+        self.credentials = credentials
+        self._auth.tokens.clear()
+
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:

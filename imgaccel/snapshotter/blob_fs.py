@@ -327,6 +327,11 @@ class BlobFS:
     def names(self) -> list[str]:
         return sorted(n.name for n in self._by_name.values())
 
+    def source(self, name: str) -> BlobSource | None:
+        """The source serving ``name`` now (None: unknown, or not re-added since a restart)."""
+        node = self._by_name.get(_check_name(name))
+        return None if node is None else node.source
+
     async def add(self, name: str, source: BlobSource) -> Path:
         """Serve ``source`` as ``name``; its path. Re-adding a known name with the same size
         (as a restarted daemon does) keeps its node id; a new size replaces the file."""

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from imgaccel.pusher.auth import Credentials, docker_config_path, load_docker_credentials
 from imgaccel.pusher.reference import ReferenceError, check_registry_host, is_loopback
@@ -28,6 +28,21 @@ class ConfigError(Exception):
     """The configuration file cannot be used; the message names the file and the field."""
 
 
+class CriProxyConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    socket: Path = Path("/run/imgaccel/cri.sock")  # kubelet's --image-service-endpoint=unix://<this>
+    containerd: Path = Path("/run/containerd/containerd.sock")  # where the calls are forwarded
+    credential_ttl: float = Field(3600.0, gt=0)  # seconds a pull's credentials are kept
+
+    @field_validator("socket", "containerd")
+    @classmethod
+    def _absolute(cls, p: Path) -> Path:
+        if not p.is_absolute():
+            raise ValueError(f"{p}: must be an absolute path")
+        return p
+
+
 class NodeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -39,6 +54,26 @@ class NodeConfig(BaseModel):
     docker_config: Path | None = None  # credentials file (default $DOCKER_CONFIG/config.json, ~/.docker/...)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     profile_label: str | None = "startup"  # hot-chunk profile replayed when an image is first pulled (null: off)
+    # Record a profile (under profile_label) from the reads of an image's first start-up on this
+    # node when the image has none, and push it as a referrer (needs push rights on the registry).
+    record_profiles: bool = False
+    record_seconds: float = Field(30.0, gt=0, le=3600)  # how long after the first mount reads count
+    # Fetch every chunk of an image in the background at full rate once it is first pulled (reads
+    # by containers always go first): "no-profile" only when it has no profile to replay (so a
+    # start-up without one is never slower than a pull), "always" after the replay too, or "off".
+    background_fetch: Literal["off", "no-profile", "always"] = "no-profile"
+    # A layer whose every chunk is cached is also written out as a local tar file
+    # (<root>/lazy/layers/<hex>/layer.tar, checked against its diff_id); later mounts read it
+    # directly (EROFS device=) instead of through FUSE.
+    local_layers: bool = True
+    # How lazy layers reach the kernel: "file" (file-backed EROFS, Linux >= 6.12), "loop" (EROFS
+    # on loop devices), "fuse" (a FUSE tree per layer, for kernels without 512-byte-block EROFS,
+    # < 6.4); "auto" probes at start, in that order, and logs what it chose.
+    kernel_path: Literal["auto", "file", "loop", "fuse"] = "auto"
+    status_socket: Path | None = None  # `imgaccel node status` asks here (default <root>/status.sock)
+    # Kubernetes: a CRI image-service proxy on this socket (kubelet --image-service-endpoint) hands
+    # the daemon the credentials of each PullImage, forwarding every call to containerd.
+    cri_proxy: CriProxyConfig | None = None
 
     @field_validator("plain_http")
     @classmethod
@@ -50,12 +85,16 @@ class NodeConfig(BaseModel):
                 raise ValueError(str(e)) from None
         return hosts
 
-    @field_validator("socket", "root", "cache_dir")
+    @field_validator("socket", "root", "cache_dir", "status_socket")
     @classmethod
-    def _absolute(cls, p: Path) -> Path:
-        if not p.is_absolute():
+    def _absolute(cls, p: Path | None) -> Path | None:
+        if p is not None and not p.is_absolute():
             raise ValueError(f"{p}: must be an absolute path")
         return p
+
+    @property
+    def status_path(self) -> Path:
+        return self.status_socket or self.root / "status.sock"
 
     def use_plain_http(self, registry: str) -> bool:
         """Whether ``registry`` (host[:port]) is reached over plain HTTP rather than TLS."""

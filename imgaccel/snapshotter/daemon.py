@@ -20,10 +20,10 @@ import contextlib
 import logging
 import os
 import signal
-import stat
+import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import datetime
-from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -33,8 +33,12 @@ from .api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from .api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from .api.containerd.types import mount_pb2
 from .config import NodeConfig
+from .cri_proxy import CriProxy
+from .keychain import Keychain, UsesKeychain
 from .metadata import AlreadyExists, FailedPrecondition, Info, InvalidArgument, Kind, NotFound, SnapshotError
 from .snapshots import Mount, RemoteLayers, Snapshotter
+from .sockets import prepare_socket
+from .status import NodeStatus, RemoteStatus, StatusServer, rss_bytes
 
 log = logging.getLogger(__name__)
 
@@ -171,18 +175,6 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
         return await self._call(context, "cleanup", go)
 
 
-def _prepare_socket(path: Path) -> None:
-    """Create the socket's directory; remove a stale socket a dead daemon left (refuse other files)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
-    try:
-        st = path.lstat()
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise RuntimeError(f"{path} exists and is not a socket: refusing to replace it")
-    path.unlink()
-
-
 class Daemon:
     """A running snapshotter server (``start``/``stop``), usable in-process by tests."""
 
@@ -191,6 +183,12 @@ class Daemon:
         self.remote = remote
         self.snapshotter: Snapshotter | None = None
         self._server: Any = None
+        # Registry credentials of Kubernetes pulls: the CRI proxy (config.cri_proxy) fills it,
+        # remote layers that take credentials from a keychain (ErofsLayers) read it.
+        self.keychain = Keychain()
+        if isinstance(remote, UsesKeychain):
+            remote.keychain = self.keychain
+        self.cri_proxy: CriProxy | None = None
 
     async def start(self) -> None:
         self.snapshotter = Snapshotter(self.config.root, self.remote)
@@ -199,7 +197,7 @@ class Daemon:
         for snap in await self.snapshotter.check_remote_dirs():
             log.warning("snapshot %s [%s]: its layer directory %s is gone; containers on it will fail",
                         snap.info.name, snap.namespace, snap.remote_dir)  # fmt: skip
-        _prepare_socket(self.config.socket)
+        prepare_socket(self.config.socket)
         server = grpc.aio.server()
         pb_grpc.add_SnapshotsServicer_to_server(SnapshotsService(self.snapshotter), server)
         if server.add_insecure_port(f"unix://{self.config.socket}") == 0:
@@ -208,8 +206,19 @@ class Daemon:
         os.chmod(self.config.socket, 0o660)
         self._server = server
         log.info("serving containerd snapshots on %s (root %s)", self.config.socket, self.config.root)
+        if self.config.cri_proxy is not None:
+            proxy = CriProxy(self.config.cri_proxy, self.keychain)
+            try:
+                await proxy.start()
+            except BaseException:
+                await self.stop(0)
+                raise
+            self.cri_proxy = proxy
 
     async def stop(self, grace: float = STOP_GRACE) -> None:
+        if self.cri_proxy is not None:  # first: no new pull (and its Prepares) starts while the rest stops
+            await self.cri_proxy.stop(grace)
+            self.cri_proxy = None
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
@@ -222,18 +231,45 @@ class Daemon:
             self.config.socket.unlink()
 
 
+async def collect_status(daemon: Daemon, started: float) -> NodeStatus:
+    """The daemon's ``NodeStatus`` now (``imgaccel node status``)."""
+    snapshotter = daemon.snapshotter
+    kinds: Counter[str] = Counter()
+    remote_snapshots = 0
+    if snapshotter is not None:
+        kinds.update(info.kind.value for info in await snapshotter.walk("", []))
+        remote_snapshots = len(await snapshotter.remote_snapshots())
+    describe = getattr(daemon.remote, "describe", None)
+    remote = describe() if describe is not None else RemoteStatus()
+    return NodeStatus(
+        **remote.model_dump(),
+        pid=os.getpid(),
+        uptime_seconds=time.monotonic() - started,
+        rss_bytes=rss_bytes(),
+        socket=str(daemon.config.socket),
+        root=str(daemon.config.root),
+        snapshots=dict(kinds),
+        remote_snapshots=remote_snapshots,
+    )
+
+
 async def serve(config: NodeConfig, remote: RemoteLayers | None = None) -> None:
     """Serve until SIGTERM or SIGINT, then stop gracefully."""
+    started = time.monotonic()
     daemon = Daemon(config, remote)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await daemon.start()
+    status = StatusServer(config.status_path, lambda: collect_status(daemon, started))
     try:
+        await status.start()
+        log.info("status on %s (imgaccel node status)", config.status_path)
         await stop.wait()
         log.info("stopping")
     finally:
+        await status.stop()
         await daemon.stop()
 
 

@@ -7,16 +7,22 @@ For each layer a Prepare names (``lazy_layers.layer_target``), ``ErofsLayers``:
    (``formats.erofs``) whose regular files point into device 1 = the layer's uncompressed tar;
 2. serves that tar as one read-only file on the daemon's FUSE mount (``blob_fs.BlobFS``),
    every byte read through the verified ``LayerReader`` (chunk cache, Range requests);
-3. mounts the EROFS image file-backed (mount(2), off the event loop: the kernel reads through
-   the FUSE file while mounting) with ``device=`` that file, and returns the mount point.
+3. mounts the EROFS image (``kernel_path.mount_layer``: file-backed, or on loop devices for
+   kernels before 6.12; off the event loop: the kernel reads through the FUSE file while
+   mounting) with ``device=`` that file, and returns the mount point.
 
 The kernel then answers lookups, stat and readdir from the EROFS image, and caches file pages;
-only data reads reach Python, as READs of the tar. Layout under ``<root>/lazy``::
+only data reads reach Python, as READs of the tar. Kernels without 512-byte-block EROFS get
+a FUSE tree process per layer instead (``kernel_path``, "fuse" mode). Once the image's warm-up
+(``image_warmup``) has cached every chunk, each layer is written out as a local tar checked
+against its diff_id; its FUSE file reads from it, and later mounts use it as ``device=``.
+``describe`` reports all of it for ``imgaccel node status``. Layout under ``<root>/lazy``::
 
     blobs/                  the BlobFS mount: one file per layer, named by the layer digest's hex
     blobfs/                 BlobFS state (node ids) and its holder process's socket
     layers/<hex>/meta-vN.erofs  the metadata image (a function of the verified index and the
                             writer's version N alone)
+    layers/<hex>/layer.tar  the layer's verified local copy, once fully fetched
     layers/<hex>/fs         its mount point: the directory a Prepare gets, the overlay lowerdir
 
 One layer digest is one mount, however many snapshots (chains, namespaces) use it; it is
@@ -28,8 +34,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
+import re
+import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
@@ -37,11 +46,14 @@ from pathlib import Path
 
 from imgaccel.formats.erofs import WRITER_VERSION, build_erofs_image
 from imgaccel.pusher.client import RegistryClient
+from imgaccel.reader.accelerated_image import AcceleratedImage
 from imgaccel.reader.chunk_cache import ChunkCache
 from imgaccel.reader.layer_reader import LayerReader
-from imgaccel.snapshotter import fuse_holder
+from imgaccel.snapshotter import fuse_holder, kernel_path
 from imgaccel.snapshotter.blob_fs import BlobFS, FsStats
 from imgaccel.snapshotter.config import NodeConfig
+from imgaccel.snapshotter.image_warmup import WarmUp
+from imgaccel.snapshotter.keychain import Keychain
 from imgaccel.snapshotter.lazy_layers import (
     SNAPSHOT_REF,
     LayerTar,
@@ -49,11 +61,14 @@ from imgaccel.snapshotter.lazy_layers import (
     LazyImages,
     NoLazyForm,
     layer_target,
+    write_local_tar,
 )
 from imgaccel.snapshotter.metadata import Snapshot
-from imgaccel.snapshotter.mounts import MS_NODEV, MS_RDONLY, is_mountpoint, mount, mounts, umount_or_detach
+from imgaccel.snapshotter.mounts import is_mountpoint, mount_at, mounts, umount_or_detach
+from imgaccel.snapshotter.status import FuseStatus, ImageStatus, LayerStatus, RemoteStatus
 
 log = logging.getLogger(__name__)
+LOCAL_TAR = "layer.tar"  # a layer's verified local copy, next to its metadata image
 
 
 class ErofsLayers:
@@ -63,24 +78,40 @@ class ErofsLayers:
         self.config = config
         self.base = config.root / "lazy"
         self.blobs: BlobFS | None = None
+        self.kernel_path: str = config.kernel_path  # "auto" until start() settles it
         self._clients: dict[str, RegistryClient] = {}
         self._stack = AsyncExitStack()
         self._client_lock = asyncio.Lock()
-        self.images = LazyImages(self._client, ChunkCache(config.cache_dir), profile_label=config.profile_label)
+        self.keychain: Keychain | None = None  # credentials of CRI pulls (the daemon's, with its CRI proxy)
+        self.images = LazyImages(self._client, ChunkCache(config.cache_dir), warm_up=warm_up_policy(config),
+                                 on_complete=self._write_local_layers)  # fmt: skip
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._users: defaultdict[str, set[str]] = defaultdict(set)  # layer hex -> snapshot names
         self._restoring: list[asyncio.Task[None]] = []
+        self.fallbacks: Counter[str] = Counter()  # why Prepares were left to containerd's pull
 
     # -- lifecycle (called by the daemon) ------------------------------------------------------
 
     async def start(self, served: Sequence[Snapshot]) -> None:
-        """Attach to (or mount) the FUSE data mount, then re-serve the remote snapshots a
-        previous daemon left: their EROFS mounts stay, their tar sources come back."""
+        """Settle how layers reach the kernel (``config.kernel_path``; "auto": probed), attach
+        to (or mount) the FUSE data mount, then re-serve the remote snapshots a previous daemon
+        left: their mounts stay, their tar sources come back (a "fuse" mode layer's tree
+        process outlives the daemon: it is kept)."""
         # Not ``blobs``: it may be the FUSE mount, which nobody serves until we attach; stat
         # of it (as Path.mkdir(exist_ok=True) does) would wait for ourselves. attach makes it.
         for d in ("blobfs", "layers"):
             (self.base / d).mkdir(parents=True, exist_ok=True)
-        self.blobs = await BlobFS.open(self.base / "blobs", self.base / "blobfs")
+        if self.config.kernel_path == "auto":
+            self.kernel_path, why = await asyncio.to_thread(kernel_path.probe, self.base / "probe")
+        else:
+            self.kernel_path, why = self.config.kernel_path, "set in the node configuration"
+        log.info("kernel path: %s (%s)", self.kernel_path, why)
+        # "fuse" mode serves no tar: the data mount is needed only for EROFS layers an earlier
+        # daemon (in another mode) left mounted.
+        layers = os.path.realpath(self.base / "layers") + "/"
+        erofs_left = any(m.fstype == "erofs" and m.mountpoint.startswith(layers) for m in mounts())
+        if self.kernel_path != "fuse" or erofs_left:
+            self.blobs = await BlobFS.open(self.base / "blobs", self.base / "blobfs")
         # In the background: BlobFS holds the kernel's READs of a known file until its source
         # is added again, so the daemon need not wait for the registry before serving.
         self._restoring = [asyncio.create_task(self._restore(s)) for s in served if s.remote_dir]
@@ -104,14 +135,25 @@ class ErofsLayers:
         await self._stack.aclose()
 
     async def _client(self, registry: str) -> RegistryClient:
+        """The registry's client. Credentials: the Docker config's, if it has some; else the
+        newest a CRI pull brought (``keychain``), which a client made before they arrived takes
+        up too (and keeps after they expire there: the images it opened are still read)."""
         async with self._client_lock:
+            pulled = self.keychain.get(registry) if self.keychain is not None else None
             if registry not in self._clients:
                 client = RegistryClient(
                     registry,
                     plain_http=self.config.use_plain_http(registry),
-                    credentials=self.config.credentials(registry),
+                    credentials=self.config.credentials(registry) or pulled,
                 )
                 self._clients[registry] = await self._stack.enter_async_context(client)
+            elif (
+                pulled is not None
+                and pulled != self._clients[registry].credentials
+                and self.config.credentials(registry) is None  # the Docker config's still win
+            ):
+                self._clients[registry].set_credentials(pulled)
+                log.info("registry %s: using the credentials of a newer CRI pull", registry)
             return self._clients[registry]
 
     # -- RemoteLayers ----------------------------------------------------------------------
@@ -123,24 +165,49 @@ class ErofsLayers:
             reader = await self.images.layer(target)
         except NoLazyForm as e:
             log.info("%s: no lazy form, containerd pulls it: %s", name, e)
+            self.fallbacks[_reason(e)] += 1
             return None
         return await self._serve(name, target, reader)
 
     async def _serve(self, name: str, target: LayerTarget, reader: LayerReader) -> str:
-        assert self.blobs is not None, "start() first"
+        """Mount the layer at ``layers/<hex>/fs`` (in every mode) unless it is mounted there;
+        a mount an earlier daemon left keeps its kind (EROFS: its tar source comes back; a
+        FUSE tree: its process is kept while alive)."""
         layer_digest = target.layer_digest
         hexd = layer_digest.split(":", 1)[1]
         layer_dir = self.base / "layers" / hexd
         fs = layer_dir / "fs"
         async with self._locks[hexd]:
-            blob = await self.blobs.add(hexd, LayerTar(reader, target.image.registry))
-            if not is_mountpoint(fs):
-                meta = layer_dir / f"meta-v{WRITER_VERSION}.erofs"
-                fs.mkdir(parents=True, exist_ok=True)
-                if not meta.exists():
-                    await asyncio.to_thread(_write_image, reader, meta)
-                await asyncio.to_thread(mount, meta, fs, "erofs", MS_RDONLY | MS_NODEV, f"device={blob}")
-                log.info("layer %s mounted lazily at %s", layer_digest, fs)
+            here = mount_at(fs)
+            tree = here.fstype.startswith("fuse") if here is not None else self.kernel_path == "fuse"
+            if tree:
+                if here is None or kernel_path.layer_tree_pid(layer_dir) is None:
+                    client = await self._client(target.image.registry)
+                    source = kernel_path.LayerTreeSource(
+                        ref=str(target.image), registry=target.image.registry, layer_digest=layer_digest,
+                        cache_dir=self.config.cache_dir, plain_http=client.base_url.startswith("http:"),
+                        credentials=client.credentials,
+                    )  # fmt: skip
+                    started = await asyncio.to_thread(kernel_path.serve_layer_tree, source, layer_dir)
+                    how = "a new FUSE tree process" if started else "its running FUSE tree process"
+                    log.info("layer %s served lazily by %s at %s", layer_digest, how, fs)
+            else:
+                assert self.blobs is not None, "start() first"
+                # A layer written out whole (``_write_local_layers``) is read from that copy: by
+                # EROFS directly when mounted now, else through its FUSE file.
+                local = self.local_tar(layer_digest)
+                local_ok = self.config.local_layers and local.exists()
+                tar = LayerTar(reader, target.image.registry, local=local if local_ok else None)
+                blob = await self.blobs.add(hexd, tar)
+                if here is None:
+                    meta = layer_dir / f"meta-v{WRITER_VERSION}.erofs"
+                    fs.mkdir(parents=True, exist_ok=True)
+                    if not meta.exists():
+                        await asyncio.to_thread(_write_image, reader, meta)
+                    device = local if local_ok else blob
+                    await asyncio.to_thread(kernel_path.mount_layer, self.kernel_path, meta, device, fs)
+                    how = "from its local copy" if local_ok else "lazily"
+                    log.info("layer %s mounted %s at %s (%s)", layer_digest, how, fs, self.kernel_path)
             self._users[hexd].add(name)
         return str(fs)
 
@@ -151,22 +218,105 @@ class ErofsLayers:
             if self._users[hexd]:
                 return
             del self._users[hexd]
+            # A FUSE tree ("fuse" mode): its bind mount, process and tree mount. EROFS: the
+            # mount (on loop devices, they detach themselves as it goes).
+            await asyncio.to_thread(kernel_path.stop_layer_tree, Path(directory).parent)
             if is_mountpoint(directory):
                 await asyncio.to_thread(umount_or_detach, directory)
             if self.blobs is not None and hexd in self.blobs.names():
                 await self.blobs.remove(hexd)
+            self.images.release(f"sha256:{hexd}")
             log.info("layer sha256:%s released", hexd)
+
+    # -- warm-up results and status ----------------------------------------------------------
+
+    def local_tar(self, layer_digest: str) -> Path:
+        """Where the layer's verified local copy lives once every chunk of it is cached."""
+        return self.base / "layers" / layer_digest.split(":", 1)[1] / LOCAL_TAR
+
+    async def _write_local_layers(self, image: AcceleratedImage) -> None:
+        """Every chunk of ``image`` is cached: write each mounted layer out as a local tar
+        (``config.local_layers``); its FUSE file then reads from it, and later mounts point
+        EROFS's ``device=`` at it, so the layer no longer goes through FUSE or the chunk cache."""
+        if not self.config.local_layers or self.kernel_path == "fuse":
+            return  # (FUSE tree processes read the chunk cache, which the fetch filled)
+        for digest, reader in zip(image.layer_digests, image.layers, strict=True):
+            path = self.local_tar(digest)
+            path.parent.mkdir(parents=True, exist_ok=True)  # (the pull may not have mounted it yet)
+            if not path.exists():
+                t0 = time.monotonic()
+                await write_local_tar(reader, path)
+                log.info("layer %s: written out as %s (%.1f s); reads no longer go through the registry",
+                         digest, path, time.monotonic() - t0)  # fmt: skip
+            hexd = digest.split(":", 1)[1]
+            source = self.blobs.source(hexd) if self.blobs is not None and hexd in self.blobs.names() else None
+            if isinstance(source, LayerTar):
+                source.local = path
+
+    def describe(self) -> RemoteStatus:
+        """The lazy side of ``imgaccel node status``."""
+        images, layers, seen = [], [], set()
+        for opened in self.images.opened():
+            image = opened.image
+            images.append(ImageStatus(
+                ref=str(image.ref), manifest=image.manifest_digest, mode=image.mode, layers=len(image.layers),
+                profile=opened.warm_up.profile, recording=opened.warm_up.recording,
+                background_fetch=opened.warm_up.background_fetch,
+            ))  # fmt: skip
+            for digest, reader in zip(image.layer_digests, image.layers, strict=True):
+                hexd = digest.split(":", 1)[1]
+                if hexd in seen or hexd not in self._users:
+                    continue
+                seen.add(hexd)
+                layers.append(LayerStatus(
+                    digest=digest, image=str(image.ref), mode=image.mode,
+                    source="local" if self.local_tar(digest).exists() else "fuse",
+                    size=reader.index.uncompressed_size, chunks=len(reader.index.chunks),
+                    chunks_cached=sum(1 for p in range(len(reader.index.chunks)) if reader.is_cached(p)),
+                    bytes_fetched=reader.stats.bytes_fetched, requests=reader.stats.requests,
+                    verification_failures=reader.stats.verification_failures, snapshots=len(self._users[hexd]),
+                ))  # fmt: skip
+        fuse = None
+        if self.blobs is not None:
+            st = self.blobs.stats
+            fuse = FuseStatus(requests=dict(st.requests), read_bytes=st.read_bytes, read_errors=st.read_errors,
+                              resent=st.resent, read_sizes=read_size_histogram(st))  # fmt: skip
+        return RemoteStatus(
+            kernel_path=getattr(self, "kernel_path", "file"),
+            images=images,
+            layers=layers,
+            fuse=fuse,
+            counters=dataclasses.asdict(self.images.counters),
+            fallbacks=dict(self.fallbacks),
+        )
+
+
+def warm_up_policy(config: NodeConfig) -> WarmUp:
+    return WarmUp(
+        profile_label=config.profile_label,
+        record_profiles=config.record_profiles,
+        record_seconds=config.record_seconds,
+        background_fetch=config.background_fetch,
+    )
+
+
+def _reason(e: NoLazyForm) -> str:
+    """A decline's reason without what differs between layers and images (for counting)."""
+    return re.sub(r"sha256:[0-9a-f]{64}", "sha256:…", str(e))[:200]
 
 
 async def unmount_all(root: Path) -> list[str]:
     """Take down what ``ErofsLayers`` left mounted under ``root`` (the daemon stopped, no
     container uses them): abort the FUSE connection (reads still waiting for a server fail),
-    unmount every EROFS layer, then the FUSE data mount and its holder. Returns the mount
-    points it unmounted."""
+    end every layer's FUSE tree process ("fuse" mode) with its mounts, unmount every EROFS
+    layer (loop devices detach themselves), then the FUSE data mount and its holder. Returns
+    the mount points it unmounted."""
     base = root / "lazy"
     layers = os.path.realpath(base / "layers") + "/"
     done = []
     await asyncio.to_thread(fuse_holder.abort_connection, base / "blobs")  # pending reads fail now
+    for pid_file in sorted((base / "layers").glob(f"*/{kernel_path.TREE_PID}")):
+        done += await asyncio.to_thread(kernel_path.stop_layer_tree, pid_file.parent)
     for mp in sorted((m.mountpoint for m in mounts() if m.mountpoint.startswith(layers)), reverse=True):
         await asyncio.to_thread(umount_or_detach, mp)
         done.append(mp)
@@ -176,13 +326,18 @@ async def unmount_all(root: Path) -> list[str]:
     return done
 
 
-def fuse_summary(stats: FsStats) -> str:
-    """One line: requests by opcode, then READs by size (power-of-two buckets) and bytes."""
-    ops = " ".join(f"{op}={n}" for op, n in sorted(stats.requests.items()))
+def read_size_histogram(stats: FsStats) -> str:
+    """READs by requested size, in power-of-two buckets: ``<=4KiB:3 <=128KiB:40``."""
     buckets: Counter[int] = Counter()
     for size, n in stats.read_sizes.items():
         buckets[1 << max(size - 1, 0).bit_length()] += n
-    sizes = " ".join(f"<={b // 1024}KiB:{n}" for b, n in sorted(buckets.items()))
+    return " ".join(f"<={b // 1024}KiB:{n}" for b, n in sorted(buckets.items()))
+
+
+def fuse_summary(stats: FsStats) -> str:
+    """One line: requests by opcode, then READs by size (power-of-two buckets) and bytes."""
+    ops = " ".join(f"{op}={n}" for op, n in sorted(stats.requests.items()))
+    sizes = read_size_histogram(stats)
     return f"{ops}; READ sizes {sizes}; {stats.read_bytes} bytes read, {stats.read_errors} errors"
 
 

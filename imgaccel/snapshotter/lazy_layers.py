@@ -10,10 +10,10 @@ containerd passes the image and layer in Prepare labels, and who sets them decid
 ``layer_target`` reads either into a ``LayerTarget``. ``LazyImages`` opens each image once
 (``reader.accelerated_image.open_image``: a full-mode manifest's TOCs, or the index-only
 artifact attached to the manifest as a referrer or in the ``_accelerated`` index) and keeps it
-per manifest, so every layer of a pull costs no more registry round trips than the first.
-When it first opens an image it also looks up the image's hot-chunk profile for the node's
-label and replays it in the background (``reader.prefetch.replay_profile``), so the chunks a
-start-up reads are on their way before the container asks for them.
+per manifest, so every layer of a pull costs no more registry round trips than the first,
+and while any of its layers is mounted. When it first opens an image it starts the image's
+warm-up in the background (``image_warmup``: replay or record the hot-chunk profile, fetch the
+rest), so the chunks a start-up reads are on their way before the container asks for them.
 ``LayerTar`` exposes one layer's uncompressed tar, read through the verified ``LayerReader``,
 as the ``size`` + ``read`` source the FUSE data server serves.
 """
@@ -21,11 +21,15 @@ as the ``size`` + ``read`` source the FUSE data server serves.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import hashlib
 import logging
-import time
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
 
 from imgaccel.pusher.client import RegistryClient
 from imgaccel.pusher.errors import RegistryError
@@ -33,11 +37,11 @@ from imgaccel.pusher.reference import ImageRef, ReferenceError, parse_reference
 from imgaccel.reader.accelerated_image import AcceleratedImage, ImageOpenError, open_image
 from imgaccel.reader.chunk_cache import ChunkCache
 from imgaccel.reader.layer_reader import FetchSlots, LayerReader
-from imgaccel.reader.prefetch import replay_profile
-from imgaccel.reader.profiles import find_profile
+from imgaccel.snapshotter.image_warmup import WarmUp, WarmUpCounters, WarmUpState, warm_up
 
 log = logging.getLogger(__name__)
 ClientFactory = Callable[[str], Awaitable[RegistryClient]]  # registry host -> its client
+READER_MEMORY_CACHE = 4 << 20  # decoded bytes each layer reader keeps in memory
 
 SNAPSHOT_REF = "containerd.io/snapshot.ref"
 CRI_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
@@ -76,9 +80,22 @@ def layer_target(labels: dict[str, str]) -> LayerTarget:
     return LayerTarget(ref, layer)
 
 
+@dataclass
+class OpenImage:
+    """An image the daemon opened, with its warm-up."""
+
+    image: AcceleratedImage
+    warm_up: WarmUpState
+    task: asyncio.Task[None] | None = None
+
+
 class LazyImages:
     """Accelerated images opened once per (registry, repository, reference), shared by every
-    layer Prepare of a pull. ``client_for(registry)`` gives the registry client to use."""
+    layer Prepare of a pull. ``client_for(registry)`` gives the registry client to use.
+
+    An image stays open while any of its layers is in use (``layer`` marks one, ``release``
+    unmarks it); when none is, it is closed and its warm-up stopped, so a node's memory follows
+    the images it runs, not every image it ever pulled."""
 
     def __init__(
         self,
@@ -86,24 +103,45 @@ class LazyImages:
         cache: ChunkCache | None = None,
         slots: FetchSlots | None = None,
         platform: str | None = None,
-        profile_label: str | None = None,
+        warm_up: WarmUp | None = None,
+        on_complete: Callable[[AcceleratedImage], Awaitable[None]] | None = None,
     ) -> None:
         self._client_for = client_for
         self._cache = cache
         self._slots = slots or FetchSlots()
         self._platform = platform
-        self._profile_label = profile_label
-        self._images: dict[ImageRef, asyncio.Task[AcceleratedImage]] = {}
-        self._replays: set[asyncio.Task[None]] = set()
+        self.policy = warm_up or WarmUp()
+        self._on_complete = on_complete
+        self.counters = WarmUpCounters()
+        self._images: dict[ImageRef, asyncio.Task[OpenImage]] = {}
+        self._in_use: set[str] = set()  # layer digests mounted for some snapshot
 
     async def layer(self, target: LayerTarget) -> LayerReader:
-        image = await self._open(target.image)
-        for digest, reader in zip(image.layer_digests, image.layers, strict=True):
+        opened = await self._open(target.image)
+        for digest, reader in zip(opened.image.layer_digests, opened.image.layers, strict=True):
             if digest == target.layer_digest:
+                self._in_use.add(digest)
                 return reader
         raise NoLazyForm(f"{target.image}: the image has no layer {target.layer_digest}")
 
-    async def _open(self, ref: ImageRef) -> AcceleratedImage:
+    def opened(self) -> list[OpenImage]:
+        """The images open now (for ``node status``)."""
+        return [t.result() for t in self._images.values() if t.done() and t.exception() is None]
+
+    def release(self, layer_digest: str) -> None:
+        """The layer is no longer mounted: close every open image none of whose layers is."""
+        self._in_use.discard(layer_digest)
+        for ref, task in list(self._images.items()):
+            if not task.done():
+                continue
+            opened = None if task.exception() is not None else task.result()
+            if opened is None or not self._in_use.intersection(opened.image.layer_digests):
+                del self._images[ref]
+                if opened is not None:
+                    self._stop(opened)
+                    log.info("%s: closed (no layer of it is mounted)", ref)
+
+    async def _open(self, ref: ImageRef) -> OpenImage:
         task = self._images.get(ref)
         if task is None or (task.done() and task.exception() is not None):
             task = asyncio.ensure_future(self._open_once(ref))
@@ -113,41 +151,44 @@ class LazyImages:
         except (ImageOpenError, RegistryError, ValueError) as e:
             raise NoLazyForm(str(e)) from None
 
-    async def _open_once(self, ref: ImageRef) -> AcceleratedImage:
+    async def _open_once(self, ref: ImageRef) -> OpenImage:
         client = await self._client_for(ref.registry)
         image = await open_image(client, ref, self._platform, self._cache, self._slots)
-        if self._profile_label:
-            task = asyncio.create_task(self._replay(client, image, self._profile_label))
-            self._replays.add(task)
-            task.add_done_callback(self._replays.discard)
-        return image
+        for reader in image.layers:
+            # The kernel caches file pages and the chunk cache holds every chunk: a small
+            # in-memory cache (partly read chunks, neighbours of a read) is all that pays here.
+            reader.memory_cache = READER_MEMORY_CACHE
+        opened = OpenImage(image, WarmUpState())
+        opened.task = asyncio.create_task(
+            warm_up(client, image, self.policy, self.counters, opened.warm_up, self._on_complete)
+        )
+        return opened
 
-    async def _replay(self, client: RegistryClient, image: AcceleratedImage, label: str) -> None:
-        try:
-            profile = await find_profile(client, image, label)
-            if profile is None:
-                log.info("%s: no %r profile to replay", image.ref, label)
-                return
-            t0 = time.monotonic()
-            n = await replay_profile(image, profile)
-            log.info("%s: replayed profile %r: %d chunks in %.2f s", image.ref, label, n, time.monotonic() - t0)
-        except Exception as e:  # a profile only speeds things up: never fail a pull on it
-            log.warning("%s: profile %r not replayed: %s", image.ref, label, e)
+    @staticmethod
+    def _stop(opened: OpenImage) -> None:
+        if opened.task is not None:
+            opened.task.cancel()
 
     def close(self) -> None:
-        for task in self._replays:
-            task.cancel()
+        for task in self._images.values():
+            if task.done() and task.exception() is None:
+                self._stop(task.result())
+            else:
+                task.cancel()
 
 
 @dataclass
 class LayerTar:
     """One layer's uncompressed tar as a read-only byte source (``BlobSource``): every byte
-    comes through the ``LayerReader``, which verifies each chunk before returning it. A read
-    that fails (a chunk failing verification twice, a registry outage) raises EIO with a
-    message naming the registry, the layer and the chunk, which the FUSE server logs."""
+    comes through the ``LayerReader``, which verifies each chunk before returning it, or, once
+    the daemon has written the whole layer out and checked it against its diff_id, from that
+    local file (``local``). A read that fails (a chunk failing verification twice, a registry
+    outage) raises EIO with a message naming the registry, the layer and the chunk, which the
+    FUSE server logs."""
 
     reader: LayerReader
     registry: str
+    local: Path | None = None  # the verified local copy, once it exists
 
     @property
     def size(self) -> int:
@@ -156,7 +197,57 @@ class LayerTar:
     async def read(self, offset: int, size: int) -> bytes:
         if offset >= self.size:
             return b""
+        size = min(size, self.size - offset)
+        if self.local is not None:
+            try:
+                data = await asyncio.to_thread(_pread, self.local, offset, size)
+                self.reader.note_read(offset, size)  # a profile being recorded still sees it
+                return data
+            except OSError as e:
+                log.warning("layer %s: local copy %s unusable (%s); reading through the registry again",
+                            self.reader.blob_digest, self.local, e)  # fmt: skip
+                self.local = None
         try:
-            return await self.reader.read(offset, min(size, self.size - offset))
+            return await self.reader.read(offset, size)
         except Exception as e:
             raise OSError(errno.EIO, f"registry {self.registry}: {e}") from e
+
+
+def _pread(path: Path, offset: int, size: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.pread(fd, size, offset)
+    finally:
+        os.close(fd)
+    if len(data) != size:
+        raise OSError(errno.EIO, f"{len(data)} of {size} bytes at {offset}: the file is shorter than the layer")
+    return data
+
+
+async def write_local_tar(reader: LayerReader, path: Path, piece: int = 4 << 20) -> None:
+    """Write the layer's whole uncompressed tar to ``path`` (atomically: a temporary file,
+    fsync, rename) from the verified reader, and check its sha256 against the index's diff_id;
+    on a mismatch nothing is left behind and ``OSError`` says so."""
+    size = reader.index.uncompressed_size
+    tmp = path.with_name(path.name + ".tmp")
+    digest = hashlib.sha256()
+    try:
+        with open(tmp, "wb") as f:
+            for offset in range(0, size, piece):
+                data = await reader.read(offset, min(piece, size - offset))
+                await asyncio.to_thread(_write_and_hash, f, digest, data)
+            await asyncio.to_thread(os.fsync, f.fileno())
+        got = "sha256:" + digest.hexdigest()
+        if got != reader.index.diff_id:
+            raise OSError(errno.EIO, f"layer {reader.blob_digest}: local copy hashes to {got}, "
+                                     f"its diff_id is {reader.index.diff_id}")  # fmt: skip
+        os.chmod(tmp, 0o444)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def _write_and_hash(f: BinaryIO, digest: hashlib._Hash, data: bytes) -> None:
+    digest.update(data)
+    f.write(data)

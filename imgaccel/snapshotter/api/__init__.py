@@ -1,1 +1,1 @@
-"""Generated protobuf/gRPC modules of the containerd snapshots API (scripts/gen-protos)."""
+"""Generated protobuf/gRPC modules: the containerd snapshots API and the CRI ImageService (scripts/gen-protos)."""
