@@ -38,6 +38,15 @@ pytestmark = pytest.mark.skipif(bool(WHY), reason=WHY or "-")
 SUFFIX = {"index": "_accelerated", "full": "_containerd_accelerated"}
 
 
+def push_converted(registry: Registry, tmp_path: Path, name: str) -> tuple[str, str]:
+    """A fresh fixture image pushed as ``<registry>/lazy/<name>:v1`` and converted in full mode:
+    (source reference, accelerated reference)."""
+    source = f"{registry.host}/lazy/{name}:v1"
+    push(unique_image(tmp_path, f"lazy-{name}"), "v1", source)
+    assert run_cli("convert", source, "--mode", "full").code == 0
+    return source, source + SUFFIX["full"]
+
+
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory, registry: Registry) -> Iterator[tuple[list[str], DaemonProcess]]:
     """containerd pulling through the real daemon; every mount it made is taken down after."""
@@ -161,10 +170,7 @@ def test_daemon_killed_while_a_container_reads(
     node: tuple[list[str], DaemonProcess], registry: Registry, tmp_path: Path
 ) -> None:
     ctr, daemon = [*node[0], "--namespace", "lazy"], node[1]
-    source = f"{registry.host}/lazy/restart:v1"
-    push(unique_image(tmp_path, "lazy-restart"), "v1", source)
-    assert run_cli("convert", source, "--mode", "full").code == 0
-    ref = source + SUFFIX["full"]
+    source, ref = push_converted(registry, tmp_path, "restart")
     rpull(ctr, ref)
     want = f"{source_files(source)['/data/big.bin']}  /data/big.bin"
     loop = "while true; do /bin/sha256sum /data/big.bin >> /sums 2>&1; done"
@@ -194,10 +200,7 @@ def test_daemon_killed_while_a_container_reads(
 def test_a_corrupt_chunk_is_an_io_error(node: tuple[list[str], DaemonProcess], registry: Registry,
                                         tmp_path: Path) -> None:  # fmt: skip
     ctr = [*node[0], "--namespace", "corrupt"]
-    source = f"{registry.host}/lazy/corrupt:v1"
-    push(unique_image(tmp_path, "lazy-corrupt"), "v1", source)
-    assert run_cli("convert", source, "--mode", "full").code == 0
-    ref = source + SUFFIX["full"]
+    source, ref = push_converted(registry, tmp_path, "corrupt")
     rpull(ctr, ref)
     # Damage the middle of the biggest layer blob in the registry's storage.
     layer = max(platform_layers(ref), key=lambda d: registry.blob_path(d).stat().st_size)
@@ -226,10 +229,7 @@ def test_a_corrupt_chunk_is_an_io_error(node: tuple[list[str], DaemonProcess], r
 def test_first_pull_replays_the_images_profile(node: tuple[list[str], DaemonProcess], registry: Registry,
                                               tmp_path: Path) -> None:  # fmt: skip
     ctr = [*node[0], "--namespace", "profiled"]
-    source = f"{registry.host}/lazy/profiled:v1"
-    push(unique_image(tmp_path, "lazy-profiled"), "v1", source)
-    assert run_cli("convert", source, "--mode", "full").code == 0
-    ref = source + SUFFIX["full"]
+    source, ref = push_converted(registry, tmp_path, "profiled")
     r = run_cli("record", ref, "--label", "startup", "--cache-dir", str(tmp_path / "rec"), "--plain-http", "--",
                 "/bin/sha256sum", "/data/big.bin")  # fmt: skip
     assert r.code == 0, r.err

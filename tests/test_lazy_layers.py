@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -46,6 +48,18 @@ def manifest_and_diff_ids(ref: str) -> tuple[str, list[str], list[str]]:
     return digest, [layer["digest"] for layer in manifest["layers"]], config["rootfs"]["diff_ids"]
 
 
+@asynccontextmanager
+async def lazy_images(host: str) -> AsyncIterator[LazyImages]:
+    """``LazyImages`` reading from the registry at ``host`` only, with no warm-up."""
+    async with RegistryClient(host) as client:
+
+        async def client_for(registry: str) -> RegistryClient:
+            assert registry == host
+            return client
+
+        yield LazyImages(client_for, warm_up=NO_WARM_UP)
+
+
 async def read_all(source: LayerTar) -> str:
     h = hashlib.sha256()
     for off in range(0, source.size, 4 << 20):
@@ -60,13 +74,7 @@ def check_layers(ref: str, labels_for: object) -> int:
     host = ref.split("/", 1)[0]
 
     async def go() -> int:
-        async with RegistryClient(host) as client:
-
-            async def client_for(registry: str) -> RegistryClient:
-                assert registry == host
-                return client
-
-            lazy = LazyImages(client_for, warm_up=NO_WARM_UP)
+        async with lazy_images(host) as lazy:
             for layer, diff_id in zip(layers, diff_ids, strict=True):
                 labels = labels_for(ref, manifest, layer)  # type: ignore[operator]
                 reader = await lazy.layer(layer_target(labels))
@@ -112,12 +120,7 @@ def test_a_local_copy_is_checked_against_the_diff_id(converted: dict[str, str], 
     host = ref.split("/", 1)[0]
 
     async def go() -> None:
-        async with RegistryClient(host) as client:
-
-            async def client_for(registry: str) -> RegistryClient:
-                return client
-
-            lazy = LazyImages(client_for, warm_up=NO_WARM_UP)
+        async with lazy_images(host) as lazy:
             reader = await lazy.layer(layer_target(cri_labels(ref, manifest, layers[-1])))
             good = tmp_path / "layer.tar"
             await write_local_tar(reader, good, piece=100_000)
@@ -137,12 +140,7 @@ def test_an_image_is_closed_when_none_of_its_layers_is_in_use(converted: dict[st
     host = ref.split("/", 1)[0]
 
     async def go() -> None:
-        async with RegistryClient(host) as client:
-
-            async def client_for(registry: str) -> RegistryClient:
-                return client
-
-            lazy = LazyImages(client_for, warm_up=NO_WARM_UP)
+        async with lazy_images(host) as lazy:
             for layer in layers:
                 await lazy.layer(layer_target(cri_labels(ref, manifest, layer)))
             assert len(lazy.opened()) == 1

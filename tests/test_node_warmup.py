@@ -16,14 +16,13 @@ from typing import Any
 
 import pytest
 
-from fixtures.build_images import push, unique_image
 from imgaccel.pusher.client import RegistryClient
 from imgaccel.pusher.reference import parse_reference
 from imgaccel.reader.accelerated_image import open_image
 from imgaccel.reader.profiles import find_profile
 from tests.helpers import get_bytes, get_json, run_cli
 from tests.registry import Registry
-from tests.test_lazy_containerd import SUFFIX, WHY, platform_layers, rpull, source_files
+from tests.test_lazy_containerd import WHY, platform_layers, push_converted, rpull, source_files
 from tests.test_snapshotter import DaemonProcess, blobs, ctr_run, node_with_daemon
 
 pytestmark = pytest.mark.skipif(bool(WHY), reason=WHY or "-")
@@ -79,10 +78,7 @@ def test_warm_up_writes_local_layers_records_a_profile_and_replays_it(
     node: tuple[list[str], DaemonProcess], registry: Registry, tmp_path: Path
 ) -> None:
     ctr, daemon = [*node[0], "--namespace", "warm"], node[1]
-    source = f"{registry.host}/warm/app:v1"
-    push(unique_image(tmp_path, "warm-app"), "v1", source)
-    assert run_cli("convert", source, "--mode", "full").code == 0
-    ref = source + SUFFIX["full"]
+    source, ref = push_converted(registry, tmp_path, "warm-app")
     layers = platform_layers(ref)
     want = source_files(source)["/data/big.bin"]
 
