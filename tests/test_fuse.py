@@ -1,4 +1,5 @@
-"""Real FUSE mounts of converted images: the whole tree, read-only, EIO on bad bytes, runc."""
+"""Real mounts of converted images (``imgaccel mount``: as root through the kernel, EROFS over
+FUSE; ``--fuse-tree``: the pyfuse3 tree): the whole tree, read-only, EIO on bad bytes, runc."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from fixtures.build_images import BIG_FILE_SIZE, push, unique_image
+from imgaccel.cli.mount_commands import mounts_at
 from imgaccel.formats.layer_index import BLOCK_SIZE
 from imgaccel.pusher.client import RegistryClient
 from imgaccel.pusher.reference import parse_reference
@@ -79,11 +81,18 @@ def expected(images: dict[str, str]) -> dict[str, Record]:
     return expected_tree(images["app"])
 
 
+# ``imgaccel mount`` as root: the kernel path (overlay of EROFS layers), or the pyfuse3 tree.
+PATHS = {"kernel": ("overlay", ()), "fuse-tree": ("fuse.imgaccel", ("--fuse-tree",))}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("mode", ["index", "full"])
 def test_mounted_tree_matches_full_extraction(
-    converted: dict[str, str], expected: dict[str, Record], tmp_path: Path, mode: str
+    converted: dict[str, str], expected: dict[str, Record], tmp_path: Path, mode: str, path: str
 ) -> None:
-    with Mount(converted[mode], tmp_path / "mnt", tmp_path / "cache") as root:
+    fstype, args = PATHS[path]
+    with Mount(converted[mode], tmp_path / "mnt", tmp_path / "cache", None, *args) as root:
+        assert mounts_at(str(root)) == [fstype]
         seen = {}
         for dirpath, dirs, files in os.walk(root):
             for name in dirs + files:
@@ -139,16 +148,19 @@ def test_second_mount_reads_from_the_shared_cache(converted: dict[str, str], tmp
     assert r.code == 0 and sum(p.stat().st_size for p in cache.rglob("*") if p.is_file()) <= 1 << 20
 
 
-def test_corrupt_registry_blob_gives_eio(registry: Registry, tmp_path: Path) -> None:
-    ref = f"{registry.host}/fuse-corrupt/app:v1"
-    push(unique_image(tmp_path, "fuse-corrupt"), "v1", ref)
+@pytest.mark.parametrize("how", list(PATHS))
+def test_corrupt_registry_blob_gives_eio(registry: Registry, tmp_path: Path, how: str) -> None:
+    ref = f"{registry.host}/fuse-corrupt-{how}/app:v1"
+    push(unique_image(tmp_path, f"fuse-corrupt-{how}"), "v1", ref)
     assert run_cli("convert", ref, "--mode", "full", "--no-cache").code == 0
-    layer = get_json(f"http://{registry.host}/v2/fuse-corrupt/app/manifests/v1_containerd_accelerated")["layers"][0]
+    manifest = get_json(f"http://{registry.host}/v2/fuse-corrupt-{how}/app/manifests/v1_containerd_accelerated")
+    layer = manifest["layers"][0]
     path = registry.blob_path(layer["digest"])
     data = bytearray(path.read_bytes())
     data[len(data) // 3] ^= 0xFF
     path.write_bytes(bytes(data))
-    with Mount(ref + "_containerd_accelerated", tmp_path / "mnt", tmp_path / "cache") as root:
+    with Mount(ref + "_containerd_accelerated", tmp_path / "mnt", tmp_path / "cache", None, *PATHS[how][1]) as root:
+        assert mounts_at(str(root)) == ["erofs" if how == "kernel" else "fuse.imgaccel"]  # (one layer: bound)
         assert (root / "etc/motd").read_bytes() == b"unique\n"  # other chunks still read
         with pytest.raises(OSError) as err:
             (root / "data/big.bin").read_bytes()

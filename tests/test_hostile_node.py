@@ -194,7 +194,7 @@ class Mounted:
         self.pids: list[int] = []
 
     def mount(self) -> tuple[int, str]:
-        r = run_cli("mount", self.ref, str(self.where), "--daemon", "--no-prefetch", "--cache-dir",
+        r = run_cli("mount", self.ref, str(self.where), "--daemon", "--no-prefetch", "--fuse-tree", "--cache-dir",
                     str(self.tmp / "cache"), "--log-file", str(self.log), "--pid-file", str(self.pid_file))  # fmt: skip
         if r.code == 0:
             self.pids.append(int(self.pid_file.read_text()))

@@ -1,7 +1,13 @@
-"""``imgaccel mount`` / ``umount``: serve an accelerated image as a read-only FUSE filesystem.
+"""``imgaccel mount`` / ``umount``: serve an accelerated image as a read-only filesystem.
+
+As root, ``mount`` puts the image at MOUNTPOINT through the kernel when it can (a read-only
+overlay of EROFS layers over a FUSE data mount: ``snapshotter.image_mount``, which says where its
+state lives); otherwise (not root, the kernel probe says "fuse", ``--layers``/``--layer``, or
+``--fuse-tree``) it serves the tree with pyfuse3 (``reader.fuse_fs``). ``umount`` takes either down.
 
 Before mounting, the mountpoint is checked: a FUSE mount left dead by a killed daemon (``stat``
-fails with ENOTCONN) is detached, with a log line, instead of being stacked on; a live mount of
+fails with ENOTCONN) is detached, and a kernel-path mount whose process was killed is taken down
+(``image_mount.unmount``), each with a log line, instead of being stacked on; a live mount of
 anything at that path is refused with a one-line error saying what to run.
 """
 
@@ -20,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +36,7 @@ from imgaccel.reader.chunk_cache import DEFAULT_LIMIT, ChunkCache
 
 if TYPE_CHECKING:
     from imgaccel.pusher.client import RegistryClient
+    from imgaccel.reader.accelerated_image import AcceleratedImage
 
 from .common import FAILURES, describe, err, fail, parse_ref, parse_size, registry_client, run_command
 
@@ -96,6 +104,20 @@ def _fuse_answers(path: str, timeout: float = 5.0) -> bool | None:
     return answer[0] if answer else None
 
 
+def _take_down_orphan(mountpoint: str, path: str) -> bool:
+    """Take down a kernel-path mount at ``path`` whose mount process was killed; whether there was one."""
+    from imgaccel.snapshotter import image_mount
+
+    if not image_mount.orphaned(path):
+        return False
+    log.warning("%s: a mount whose imgaccel mount process is gone is in the way; taking it down", mountpoint)
+    try:
+        image_mount.unmount(path)
+    except OSError as e:
+        raise MountpointError(f"{mountpoint}: taking down the mount left by a killed process failed: {e}") from None
+    return True
+
+
 def prepare_mountpoint(mountpoint: str) -> None:
     """Make sure a new mount at ``mountpoint`` is the only one there: detach FUSE mounts left
     dead by a killed daemon (logged), refuse any live mount. Raises ``MountpointError``."""
@@ -113,6 +135,8 @@ def prepare_mountpoint(mountpoint: str) -> None:
             if not mounted:
                 return
             top = mounted[-1]
+            if _take_down_orphan(mountpoint, path):
+                continue
             answers = _fuse_answers(path) if top.startswith("fuse") else True
             if answers is None:
                 raise MountpointError(
@@ -159,10 +183,12 @@ def prepare_mountpoint(mountpoint: str) -> None:
               help="Range requests in flight to the registry; background work uses at most 3/4.")  # fmt: skip
 @click.option("--metrics-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Write Prometheus metrics (bytes fetched, cache hits, latency) here every 5 s.")  # fmt: skip
+@click.option("--fuse-tree", is_flag=True,
+              help="Serve the tree with pyfuse3 even where the kernel path (root: EROFS + overlay) works.")  # fmt: skip
 def mount(ref: str, mountpoint: str, platform: str | None, plain_http: bool, cache_dir: Path, cache_size: str,
           per_layer: bool, only_layer: str | None, fetch_gap: str, daemon: bool, pid_file: Path | None,
           log_file: Path | None, label: str, no_prefetch: bool, background_rate: str | None, max_requests: int,
-          metrics_file: Path | None) -> None:  # fmt: skip
+          metrics_file: Path | None, fuse_tree: bool) -> None:  # fmt: skip
     """Mount REF read-only at MOUNTPOINT (merged layers), fetching chunks as they are read."""
     parsed = parse_ref(ref)
     try:
@@ -180,12 +206,13 @@ def mount(ref: str, mountpoint: str, platform: str | None, plain_http: bool, cac
         return  # the parent: the mount is up; the forked child serves it
 
     async def go() -> None:
-        from imgaccel.reader.accelerated_image import AcceleratedImage, open_image
+        from imgaccel.reader.accelerated_image import open_image
         from imgaccel.reader.fuse_fs import serve_mount
         from imgaccel.reader.layer_reader import FetchSlots
         from imgaccel.reader.node_metrics import NodeMetrics
         from imgaccel.reader.prefetch import fetch_rest, replay_profile
         from imgaccel.reader.profiles import find_profile
+        from imgaccel.snapshotter.image_mount import KernelPathUnavailable
 
         async def warm(client: RegistryClient, image: AcceleratedImage) -> None:
             """Profile first (foreground reads keep priority), then the rest if asked."""
@@ -222,13 +249,20 @@ def mount(ref: str, mountpoint: str, platform: str | None, plain_http: bool, cac
             background: list[asyncio.Task[Any]] = [asyncio.create_task(warm(client, image))]
             if metrics_file:
                 background.append(asyncio.create_task(NodeMetrics(image).write_every(metrics_file)))
+
+            def ready() -> None:
+                log.info("mounted %s after %.2f s", parsed, time.monotonic() - started)
+
             try:
-                await serve_mount(
-                    served,
-                    mountpoint,
-                    lambda: log.info("mounted %s after %.2f s", parsed, time.monotonic() - started),
-                    per_layer or only_layer is not None,
-                )
+                tree = per_layer or only_layer is not None
+                if not (tree or fuse_tree):
+                    try:
+                        await _serve_kernel_mount(served, mountpoint, ready)
+                        return
+                    except KernelPathUnavailable as e:
+                        level = logging.INFO if os.geteuid() != 0 else logging.WARNING
+                        log.log(level, "%s: serving the tree with pyfuse3, not through the kernel: %s", mountpoint, e)
+                await serve_mount(served, mountpoint, ready, tree)
             finally:
                 for task in background:
                     task.cancel()
@@ -242,6 +276,17 @@ def mount(ref: str, mountpoint: str, platform: str | None, plain_http: bool, cac
     except RuntimeError as e:  # pyfuse3: mounting failed
         fail(f"{mountpoint}: cannot mount: {e}")
         sys.exit(1)
+
+
+async def _serve_kernel_mount(image: AcceleratedImage, mountpoint: str, ready: Callable[[], None]) -> None:
+    """Serve ``image`` at ``mountpoint`` through the kernel until it is unmounted or signalled;
+    ``KernelPathUnavailable`` (nothing mounted) when it cannot."""
+    from imgaccel.snapshotter.image_mount import kernel_mount
+
+    async with kernel_mount(image, mountpoint) as mounted:
+        ready()
+        why = await mounted.wait()
+        log.info("%s: taking the mount down (%s)", mountpoint, why)
 
 
 def _daemonize(mountpoint: str, pid_file: Path | None, log_file: Path | None) -> bool:
@@ -286,6 +331,13 @@ def _daemonize(mountpoint: str, pid_file: Path | None, log_file: Path | None) ->
 @click.argument("mountpoint", type=click.Path(file_okay=False))
 def umount(mountpoint: str) -> None:
     """Unmount an imgaccel mount (lazily if its daemon is gone)."""
+    from imgaccel.snapshotter.image_mount import unmount as unmount_kernel_mount
+
+    try:
+        if unmount_kernel_mount(mountpoint):  # the kernel path's overlay, its layers and process
+            return
+    except OSError as e:
+        raise click.ClickException(f"{mountpoint}: {e.strerror or e}") from None
     tool = shutil.which("fusermount3") or shutil.which("umount")
     if tool is None:
         raise click.ClickException("neither fusermount3 nor umount is installed")

@@ -465,6 +465,12 @@ class LayerReader:
             return data
         return None
 
+    def drop_memory_cache(self) -> None:
+        """Forget the decoded chunks kept in memory (reads then come from the disk cache)."""
+        self._cache.clear()
+        self._cached_bytes = 0
+        self._compressed.clear()
+
     def is_cached(self, p: int, upto: int | None = None) -> bool:
         """Chunk (its first ``upto`` bytes, in whole blocks) in memory or on disk (not
         re-verified here: reads verify)."""

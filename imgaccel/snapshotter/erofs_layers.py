@@ -203,7 +203,7 @@ class ErofsLayers:
                     meta = layer_dir / f"meta-v{WRITER_VERSION}.erofs"
                     fs.mkdir(parents=True, exist_ok=True)
                     if not meta.exists():
-                        await asyncio.to_thread(_write_image, reader, meta)
+                        await asyncio.to_thread(write_erofs_image, reader, meta)
                     device = local if local_ok else blob
                     await asyncio.to_thread(kernel_path.mount_layer, self.kernel_path, meta, device, fs)
                     how = "from its local copy" if local_ok else "lazily"
@@ -252,6 +252,7 @@ class ErofsLayers:
             source = self.blobs.source(hexd) if self.blobs is not None and hexd in self.blobs.names() else None
             if isinstance(source, LayerTar):
                 source.local = path
+            reader.drop_memory_cache()  # reads of the layer come from the local copy now
 
     def describe(self) -> RemoteStatus:
         """The lazy side of ``imgaccel node status``."""
@@ -341,7 +342,9 @@ def fuse_summary(stats: FsStats) -> str:
     return f"{ops}; READ sizes {sizes}; {stats.read_bytes} bytes read, {stats.read_errors} errors"
 
 
-def _write_image(reader: LayerReader, path: Path) -> None:
+def write_erofs_image(reader: LayerReader, path: Path) -> None:
+    """Write the EROFS metadata image of ``reader``'s layer to ``path`` (atomically, read-only),
+    logging what the image cannot represent."""
     image = build_erofs_image(reader.index)
     for warning in image.warnings:
         log.warning("layer %s: %s", reader.blob_digest, warning)
