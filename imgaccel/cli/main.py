@@ -27,6 +27,7 @@ from imgaccel.reader.merged_view import BrokenHardlink, PathError
 if TYPE_CHECKING:  # the conversion pipeline and progress bars are imported by the commands that use them
     from imgaccel.converter.image_converter import ConvertResult
 
+from .cachenode_commands import cachenode
 from .common import FAILURES, LimitParam, SizeParam, describe, err, fail, parse_ref, registry_client, run_command
 from .mount_commands import cache, mount, prefetch, record, umount
 from .node_commands import node, node_config, node_unmount, snapshotter
@@ -341,6 +342,7 @@ main.add_command(snapshotter)
 main.add_command(node_config)
 main.add_command(node_unmount)
 main.add_command(node)
+main.add_command(cachenode)
 node.add_command(node_config, "config")
 node.add_command(node_unmount, "unmount")
 

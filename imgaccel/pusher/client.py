@@ -114,13 +114,18 @@ class RegistryClient:
         retry: RetryPolicy | None = None,
         max_connections: int = 8,
         timeout: float = 300.0,
+        docker_config: bool = True,
     ) -> None:
+        """``credentials``: used as given; when None, the Docker config file's for ``registry``
+        unless ``docker_config`` is False (then none at all)."""
         self.registry = check_registry_host(registry, "registry")
         if plain_http is None:
             plain_http = is_loopback(registry)
         self.base_url = f"{'http' if plain_http else 'https'}://{registry}"
         self._origin = URL(self.base_url).origin()
-        self.credentials = credentials if credentials is not None else load_docker_credentials(registry)
+        if credentials is None and docker_config:
+            credentials = load_docker_credentials(registry)
+        self.credentials = credentials
         self.retry = retry or RetryPolicy()
         self._connections = max_connections
         self._timeout = timeout

@@ -145,6 +145,7 @@ class ErofsLayers:
                     registry,
                     plain_http=self.config.use_plain_http(registry),
                     credentials=self.config.credentials(registry) or pulled,
+                    docker_config=False,  # (the node config's docker_config was read just above)
                 )
                 self._clients[registry] = await self._stack.enter_async_context(client)
             elif (

@@ -1,0 +1,282 @@
+"""The cache node's store: blobs and manifests on disk, content-addressed, bounded in size.
+
+Layout under the data directory::
+
+    blobs/<alg>/<hex>        a blob, exactly the bytes that hash to <alg>:<hex>
+    manifests/<alg>/<hex>    a manifest, likewise
+    tmp/                     files being filled (removed at start-up)
+
+A file enters ``blobs/`` or ``manifests/`` only through ``Writer.commit``, which checks the
+size and the digest of every byte written first and renames the file into place afterwards;
+anything else (a mismatch, a dropped fill) removes the temporary file, so nothing unverified
+is ever stored. The total size of stored files plus the space reserved by running fills stays
+at or under ``max_size``: making room evicts the least recently used entries. Use is tracked in
+memory (an ordered dict, moved to the end on each hit) and persisted cheaply as the file's
+mtime, touched at most once a minute per file, which orders the entries again after a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from imgaccel.pusher.reference import check_digest
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["blobs", "manifests"]
+KINDS: tuple[Kind, ...] = ("blobs", "manifests")
+TOUCH_INTERVAL = 60.0  # seconds between mtime updates of one entry
+_HEX = {"sha256": re.compile(r"[0-9a-f]{64}"), "sha512": re.compile(r"[0-9a-f]{128}")}
+
+
+class StoreError(Exception):
+    """The data directory cannot hold the store; one line."""
+
+
+class VerifyError(Exception):
+    """Bytes written to a ``Writer`` are not the blob they were written as."""
+
+
+@dataclass
+class _Entry:
+    size: int
+    touched: float  # wall-clock time of the last mtime update
+
+
+class Store:
+    def __init__(self, root: Path, max_size: int, on_evict: Callable[[int], None] | None = None) -> None:
+        self.root = root
+        self.max_size = max_size
+        self.on_evict = on_evict
+        self.total = 0  # bytes of stored entries
+        self.reserved = 0  # bytes promised to running fills
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()  # "<kind>/<alg>/<hex>", least recently used first
+        try:
+            for kind in KINDS:
+                for alg in _HEX:
+                    (root / kind / alg).mkdir(parents=True, exist_ok=True)
+            tmp = root / "tmp"
+            tmp.mkdir(exist_ok=True)
+            for leftover in tmp.iterdir():
+                leftover.unlink()
+            probe = tmp / f"probe-{secrets.token_hex(4)}"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+            self._scan()
+        except OSError as e:
+            raise StoreError(f"data_dir {root}: cannot keep the store there: {e.strerror or e}") from None
+        self._evict(0)
+        log.info("store %s: %d entries, %d bytes (max %d)", root, len(self._entries), self.total, max_size)
+
+    def _scan(self) -> None:
+        found: list[tuple[float, str, int]] = []
+        for kind in KINDS:
+            for alg, pattern in _HEX.items():
+                with os.scandir(self.root / kind / alg) as it:
+                    for f in it:
+                        if pattern.fullmatch(f.name) and f.is_file(follow_symlinks=False):
+                            st = f.stat(follow_symlinks=False)
+                            found.append((st.st_mtime, f"{kind}/{alg}/{f.name}", st.st_size))
+        for mtime, key, size in sorted(found):
+            self._entries[key] = _Entry(size, mtime)
+            self.total += size
+
+    @staticmethod
+    def _key(kind: Kind, digest: str) -> str:
+        alg, _, hexpart = check_digest(digest, "store").partition(":")
+        return f"{kind}/{alg}/{hexpart}"
+
+    def path(self, kind: Kind, digest: str) -> Path:
+        return self.root / self._key(kind, digest)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def has(self, kind: Kind, digest: str) -> bool:
+        return self._key(kind, digest) in self._entries
+
+    def open(self, kind: Kind, digest: str) -> tuple[int, int] | None:
+        """``(fd, size)`` of a stored entry, opened for reading (the caller closes the fd), and
+        marked as just used; None when it is not stored."""
+        key = self._key(kind, digest)
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        path = self.root / key
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            self._drop(key)
+            return None
+        self._entries.move_to_end(key)
+        now = time.time()
+        if now - entry.touched > TOUCH_INTERVAL:
+            entry.touched = now
+            with contextlib.suppress(OSError):
+                os.utime(fd)
+        return fd, entry.size
+
+    def read_small(self, kind: Kind, digest: str) -> bytes | None:
+        """A small stored entry (a manifest) in memory, re-verified; None when it is not stored
+        or no longer matches its digest (then it is dropped)."""
+        opened = self.open(kind, digest)
+        if opened is None:
+            return None
+        fd, size = opened
+        try:
+            data = os.pread(fd, size + 1, 0)
+        finally:
+            os.close(fd)
+        if _digest_of(data, digest) != digest:
+            log.warning("store: %s %s is damaged on disk; dropped", kind, digest)
+            self.remove(kind, digest)
+            return None
+        return data
+
+    async def put_small(self, kind: Kind, digest: str, data: bytes) -> None:
+        """Store a small entry (a manifest) held in memory; ``VerifyError`` if it is not ``digest``."""
+        if self.has(kind, digest):
+            return
+        writer = self.writer(kind, digest, len(data))
+        try:
+            writer.reserve()
+            writer.write(data)
+            await writer.commit()
+        finally:
+            writer.close()
+
+    def writer(self, kind: Kind, digest: str, size: int) -> Writer:
+        return Writer(self, kind, digest, size)
+
+    def remove(self, kind: Kind, digest: str) -> None:
+        key = self._key(kind, digest)
+        self._drop(key)
+        with contextlib.suppress(FileNotFoundError):
+            (self.root / key).unlink()
+
+    def _drop(self, key: str) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self.total -= entry.size
+
+    def _reserve(self, size: int) -> None:
+        self.reserved += size
+        self._evict(0)
+
+    def _release(self, size: int) -> None:
+        self.reserved -= size
+
+    def _add(self, key: str, size: int) -> None:
+        self._drop(key)
+        self._entries[key] = _Entry(size, time.time())
+        self.total += size
+        self._evict(0)
+
+    def _evict(self, need: int) -> None:
+        """Remove least recently used entries until stored + reserved + ``need`` fits."""
+        while self._entries and self.total + self.reserved + need > self.max_size:
+            key, entry = self._entries.popitem(last=False)
+            self.total -= entry.size
+            with contextlib.suppress(FileNotFoundError):
+                (self.root / key).unlink()
+            log.info("store: evicted %s (%d bytes)", key, entry.size)
+            if self.on_evict:
+                self.on_evict(entry.size)
+
+
+class Writer:
+    """A temporary file that becomes the stored entry ``digest`` once ``commit`` has verified
+    it. Written at increasing offsets (``write``); ``restart`` empties it (a fill starting
+    over). ``fd`` is opened read-write, so ``os.dup(fd)`` lets a reader follow the file while
+    it grows, and keep reading it after it was renamed into place or removed."""
+
+    def __init__(self, store: Store, kind: Kind, digest: str, size: int) -> None:
+        self.store = store
+        self.kind = kind
+        self.digest = digest
+        self.size = size
+        self.key = store._key(kind, digest)
+        self.tmp = store.root / "tmp" / f"{self.key.replace('/', '-')}.{secrets.token_hex(6)}"
+        self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        self.written = 0
+        self._hash = _hasher(digest)
+        self._reserved = 0
+        self._closed = False
+
+    def reserve(self) -> None:
+        """Make room for the whole blob now (evicting); a blob larger than the store is filled
+        for the readers following it but never stored."""
+        if not self._reserved and self.size <= self.store.max_size:
+            self._reserved = self.size
+            self.store._reserve(self.size)
+
+    def write(self, block: bytes | memoryview) -> None:
+        if self.written + len(block) > self.size:
+            raise VerifyError(f"{self.digest}: more than the {self.size} bytes announced")
+        view = memoryview(block)
+        while view:
+            n = os.pwrite(self.fd, view, self.written)
+            self._hash.update(view[:n])
+            self.written += n
+            view = view[n:]
+
+    def restart(self) -> None:
+        os.ftruncate(self.fd, 0)
+        self.written = 0
+        self._hash = _hasher(self.digest)
+
+    async def commit(self) -> bool:
+        """Verify and move into place; True when stored (False: larger than the store).
+        ``VerifyError`` (and the temporary file removed) when the bytes are not the blob."""
+        actual = f"{self.digest.split(':', 1)[0]}:{self._hash.hexdigest()}"
+        if self.written != self.size:
+            self.close()
+            raise VerifyError(f"{self.digest}: {self.written} bytes written, {self.size} expected")
+        if actual != self.digest:
+            self.close()
+            raise VerifyError(f"{self.digest}: the bytes hash to {actual}")
+        if not self._reserved:
+            self.close()
+            return False
+        await asyncio.to_thread(os.fsync, self.fd)
+        os.replace(self.tmp, self.store.root / self.key)
+        self.store._release(self._reserved)
+        self._reserved = 0
+        self.store._add(self.key, self.size)
+        self._closed = True
+        os.close(self.fd)
+        return True
+
+    def close(self) -> None:
+        """Drop the temporary file unless committed (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        os.close(self.fd)
+        with contextlib.suppress(FileNotFoundError):
+            self.tmp.unlink()
+        if self._reserved:
+            self.store._release(self._reserved)
+            self._reserved = 0
+
+
+def _hasher(digest: str) -> Any:
+    return hashlib.new(digest.split(":", 1)[0])
+
+
+def _digest_of(data: bytes, like: str) -> str:
+    h = _hasher(like)
+    h.update(data)
+    return f"{like.split(':', 1)[0]}:{h.hexdigest()}"
