@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -86,19 +87,24 @@ def run(args: list[str]) -> None:
         raise RuntimeError(f"{' '.join(args[:6])}...: {r.stderr[-1500:]}")
 
 
-def startup(work: Path, ref: str, shape: str, mode: str | None, profile: str | None = None) -> tuple[float, str, float]:
-    """Seconds from pull to the end of the reads; FUSE summary and daemon peak RSS (MB) if lazy."""
+def startup(
+    work: Path, ref: str, shape: str, mode: str | None, profile: str | None = None
+) -> tuple[float, float, str, float]:
+    """Seconds from pull to the end of the reads, of them the pull's; FUSE summary and daemon
+    peak RSS (MB) if lazy."""
     with node(work, mode is not None, profile) as (ctr, daemon, _root):
         ctr = [*ctr, "--namespace", "bench"]
         reader = f"/bin/busybox xargs /bin/busybox cat < /ws-{shape}.list > /dev/null"
         t0 = time.monotonic()
         if mode is None:
             run([*ctr, "images", "pull", "--plain-http", ref])
+            pulled = time.monotonic() - t0
             run([*ctr, "run", "--rm", ref, "c", "/bin/busybox", "sh", "-c", reader])
         else:
             address = ctr[ctr.index("--address") + 1]
             run(["ctr-remote", "--address", address, "--namespace", "bench", "image", "rpull", "--snapshotter",
                  "imgaccel", "--plain-http", ref])  # fmt: skip
+            pulled = time.monotonic() - t0
             run([*ctr, "run", "--rm", "--snapshotter", "imgaccel", ref, "c", "/bin/busybox", "sh", "-c", reader])
         elapsed = time.monotonic() - t0
         rss = peak_rss_mb(daemon.pid) if daemon else 0.0
@@ -106,19 +112,23 @@ def startup(work: Path, ref: str, shape: str, mode: str | None, profile: str | N
     if mode is not None:
         found = re.findall(r"FUSE requests served: (.*)", (work / "daemon.log").read_text())
         summary = found[-1] if found else "(no summary)"
-    return elapsed, summary, rss
+    return elapsed, pulled, summary, rss
 
 
 SUFFIX = {"full": "_containerd_accelerated", "index": "_accelerated"}
 
 
-def record(cache: Path, ref: str, shape: str) -> None:
-    """Record the working set's hot-chunk profile (label = shape) and attach it to ``ref``."""
-    script = f"/bin/busybox xargs /bin/busybox cat < /ws-{shape}.list > /dev/null"
-    subprocess.run([sys.executable, "-m", "imgaccel.cli.main", "record", ref, "--label", shape, "--cache-dir",
-                    str(cache), "--", "/bin/busybox", "sh", "-c", script], cwd=ROOT, check=True,
-                   capture_output=True)  # fmt: skip
+def record(cache: Path, ref: str, shape: str) -> str:
+    """Record the working set's hot-chunk profile (label = shape) and attach it to ``ref``;
+    ``record``'s summary line. (The image has no /dev: the reads are piped to ``wc``.)"""
+    script = f"/bin/busybox xargs /bin/busybox cat < /ws-{shape}.list | /bin/busybox wc -c"
+    r = subprocess.run([sys.executable, "-m", "imgaccel.cli.main", "record", ref, "--label", shape, "--cache-dir",
+                        str(cache), "--", "/bin/busybox", "sh", "-c", script], cwd=ROOT, check=True,
+                       capture_output=True, text=True)  # fmt: skip
     shutil.rmtree(cache, ignore_errors=True)
+    if "note: the command exited" in r.stderr:
+        raise RuntimeError(f"recording {ref}: {r.stderr.strip()}")
+    return r.stdout.strip().splitlines()[-1]
 
 
 _PER_FILE = """
@@ -160,7 +170,8 @@ def warm_reads(work: Path, ref: str, files: list[str]) -> tuple[float, float, fl
             if len(layers) > 1:
                 umount_or_detach(merged)
         native_ms = per_file_ms("", files)
-        time.sleep(2)
+        wait_local(root, len(layers))  # idle: the background fetch is over
+        time.sleep(5)
         assert daemon is not None
         rss = 0.0
         for line in Path(f"/proc/{daemon.pid}/status").read_text().splitlines():
@@ -178,8 +189,8 @@ def spread_files(count: int, size: int) -> list[str]:
         dirs.sort()
         for n in sorted(names):
             p = os.path.join(dirpath, n)
-            if os.path.islink(p) or not os.path.isfile(p) or not os.access(p, os.R_OK):
-                continue
+            if os.path.islink(p) or not os.path.isfile(p) or not os.access(p, os.R_OK) or any(c.isspace() for c in p):
+                continue  # (the container's reader takes the working set through xargs)
             found.append((p.lstrip("/"), os.path.getsize(p)))
     step = max(len(found) // count, 1)
     picked = set(range(0, len(found), step)[:count])
@@ -199,6 +210,15 @@ def spread_files(count: int, size: int) -> list[str]:
     return [found[i][0] for i in sorted(picked)]
 
 
+def wait_local(root: Path, layers: int, timeout: float = 1800) -> None:
+    """Until the daemon has fetched and written out ``layers`` layers (its background fetch)."""
+    deadline = time.monotonic() + timeout
+    while len(list((root / "lazy" / "layers").glob("*/layer.tar"))) < layers:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the background fetch did not finish")
+        time.sleep(1)
+
+
 def idle_rss(work: Path, refs: list[str]) -> tuple[float, float]:
     """Daemon RSS (MB) with every image of ``refs`` pulled lazily and one container run on each,
     once idle: (right after, with no background fetch; after the background fetch of all)."""
@@ -212,12 +232,8 @@ def idle_rss(work: Path, refs: list[str]) -> tuple[float, float]:
                      "imgaccel", "--plain-http", ref])  # fmt: skip
                 run([*ctr, "run", "--rm", "--snapshotter", "imgaccel", ref, f"c{i}", "/bin/busybox", "true"])
             assert daemon is not None
-            if fetch != "off":  # wait until every layer is written out locally
-                deadline = time.monotonic() + 1800
-                while len(list((root / "lazy" / "layers").glob("*/layer.tar"))) < len(refs):
-                    if time.monotonic() > deadline:
-                        raise RuntimeError("background fetch did not finish")
-                    time.sleep(2)
+            if fetch != "off":
+                wait_local(root, len(refs))
             time.sleep(5)
             for line in Path(f"/proc/{daemon.pid}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
@@ -236,6 +252,8 @@ def main() -> None:
         default=0,
         help="about this many files spread over /usr (0: the first --size bytes of /usr/lib, /usr/share)",
     )
+    ap.add_argument("--modes", default="full,index", help="imgaccel modes to run")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory (daemon logs) and print it")
     ap.add_argument("--warm-only", action="store_true", help="only the warm per-file reads and idle RSS")
     ap.add_argument(
         "--idle-images",
@@ -246,8 +264,16 @@ def main() -> None:
     args = ap.parse_args()
     if os.geteuid() != 0 or shutil.which("ctr-remote") is None:
         sys.exit("needs root, containerd and ctr-remote (scripts/install installs them)")
-    with tempfile.TemporaryDirectory(prefix="imgaccel-ctd-bench-", dir="/var/tmp") as tmp:
+    prefix = "imgaccel-ctd-bench-"
+    workdir = (
+        contextlib.nullcontext(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+        if args.keep
+        else tempfile.TemporaryDirectory(prefix=prefix, dir="/var/tmp")
+    )
+    with workdir as tmp:
         work = Path(tmp)
+        if args.keep:
+            print(f"work directory (kept): {work}", flush=True)
         files = spread_files(args.files, parse_size(args.size)) if args.files else real_files(parse_size(args.size))
         shapes = args.shapes.split(",")
         lists = {s: working_set(files, args.working_set, s) for s in shapes}
@@ -267,20 +293,23 @@ def main() -> None:
                 "index": f"{proxy.host}/bench/app:v1_accelerated",
             }
             for shape in [] if args.warm_only else shapes:
-                base, _, _ = startup(work / f"base-{shape}", refs[None], shape, None)
-                print(f"{shape:5s} baseline (overlayfs, pull + unpack + run): {base:6.2f} s", flush=True)
-                for mode in ("full", "index"):
-                    record(work / f"rec-{mode}-{shape}", f"{reg.host}/bench/app:v1{SUFFIX[mode]}", shape)
+                base, base_pull, _, _ = startup(work / f"base-{shape}", refs[None], shape, None)
+                print(f"{shape:5s} baseline (overlayfs, pull + unpack + run): {base:6.2f} s (pull {base_pull:.2f} s)",
+                      flush=True)  # fmt: skip
+                for mode in args.modes.split(","):
+                    summary = record(work / f"rec-{mode}-{shape}", f"{reg.host}/bench/app:v1{SUFFIX[mode]}", shape)
+                    print(f"      recorded: {summary.split(': ', 1)[-1]}", flush=True)
                     for profile in (None, shape):
-                        t, summary, rss = startup(work / f"{mode}-{shape}-{profile}", refs[mode], shape, mode, profile)
+                        t, pulled, summary, rss = startup(work / f"{mode}-{shape}-{profile}", refs[mode], shape, mode,
+                                                          profile)  # fmt: skip
                         how = "profile" if profile else "no profile"
-                        print(f"{shape:5s} imgaccel {mode:5s} (lazy, {how:10s}): {t:6.2f} s  {base / t:5.2f}x  "
-                              f"daemon peak RSS {rss:.0f} MB", flush=True)  # fmt: skip
+                        print(f"{shape:5s} imgaccel {mode:5s} (lazy, {how:10s}): {t:6.2f} s (pull {pulled:.2f} s)  "
+                              f"{base / t:5.2f}x  daemon peak RSS {rss:.0f} MB", flush=True)  # fmt: skip
                         print(f"      FUSE: {summary}", flush=True)
             lazy_ms, native_ms, idle = warm_reads(work / "warm", refs["full"], lists[shapes[0]])
             print(f"warm open+read per file ({len(lists[shapes[0]])} files): EROFS over FUSE {lazy_ms:.4f} ms, "
                   f"native {native_ms:.4f} ms ({lazy_ms / native_ms:.2f}x); daemon idle RSS {idle:.0f} MB "
-                  "with one image mounted", flush=True)  # fmt: skip
+                  "with one image mounted and fetched", flush=True)  # fmt: skip
             if args.idle_images:
                 refs_idle = []
                 for i in range(args.idle_images):

@@ -125,7 +125,9 @@ def test_a_local_copy_is_checked_against_the_diff_id(converted: dict[str, str], 
             good = tmp_path / "layer.tar"
             await write_local_tar(reader, good, piece=100_000)
             assert "sha256:" + hashlib.sha256(good.read_bytes()).hexdigest() == diff_ids[-1]
+            assert reader.first_reads == {}  # a copy is no workload: a profile being recorded ignores it
             assert await read_all(LayerTar(reader, host, local=good)) == diff_ids[-1]
+            assert len(reader.first_reads) == len(reader.index.chunks)  # reads of the copy still count
             reader.index = reader.index.model_copy(update={"diff_id": "sha256:" + "0" * 64})
             with pytest.raises(OSError, match="diff_id is sha256:0000"):
                 await write_local_tar(reader, tmp_path / "bad.tar")

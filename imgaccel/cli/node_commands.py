@@ -41,6 +41,9 @@ def snapshotter(config_path: Path | None, socket: Path | None, root: Path | None
     """Run the node daemon: containerd's imgaccel snapshotter, until SIGTERM."""
     from imgaccel.snapshotter.daemon import run
     from imgaccel.snapshotter.erofs_layers import ErofsLayers
+    from imgaccel.snapshotter.memory import limit_arenas
+
+    limit_arenas()
 
     config = _load(config_path, socket, root, cache_dir)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -149,11 +149,13 @@ class LayerReader:
         self._inflight: dict[int, asyncio.Future[bytes]] = {}
         self._tasks: set[asyncio.Task[object]] = set()
 
-    async def read(self, offset: int, length: int, limit: int | None = None) -> bytes:
+    async def read(self, offset: int, length: int, limit: int | None = None, *, record: bool = True) -> bytes:
         """``length`` bytes of the uncompressed tar at ``offset`` (short at the end). ``limit``
-        is where the data being read ends (a file's last byte + 1): readahead stops there."""
+        is where the data being read ends (a file's last byte + 1): readahead stops there.
+        ``record``: a workload's read, which a profile being recorded counts (not a copy of
+        the whole layer, say)."""
         end = min(offset + length, self.index.uncompressed_size)
-        positions = self.note_read(offset, end - offset)
+        positions = self.note_read(offset, end - offset) if record else self.index.chunk_range(offset, end)
         parts: dict[int, bytes] = {}
         needed: dict[int, int] = {}
         for p in positions:

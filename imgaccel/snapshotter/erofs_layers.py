@@ -69,6 +69,9 @@ from imgaccel.snapshotter.status import FuseStatus, ImageStatus, LayerStatus, Re
 
 log = logging.getLogger(__name__)
 LOCAL_TAR = "layer.tar"  # a layer's verified local copy, next to its metadata image
+# Verified chunk-cache entries kept in memory: the kernel caches the pages it read, so this
+# only spares a re-hash while a read of one chunk arrives as several FUSE READs.
+CHUNK_CACHE_MEMORY = 8 << 20
 
 
 class ErofsLayers:
@@ -83,7 +86,8 @@ class ErofsLayers:
         self._stack = AsyncExitStack()
         self._client_lock = asyncio.Lock()
         self.keychain: Keychain | None = None  # credentials of CRI pulls (the daemon's, with its CRI proxy)
-        self.images = LazyImages(self._client, ChunkCache(config.cache_dir), warm_up=warm_up_policy(config),
+        cache = ChunkCache(config.cache_dir, memory=CHUNK_CACHE_MEMORY)
+        self.images = LazyImages(self._client, cache, warm_up=warm_up_policy(config),
                                  on_complete=self._write_local_layers)  # fmt: skip
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._users: defaultdict[str, set[str]] = defaultdict(set)  # layer hex -> snapshot names

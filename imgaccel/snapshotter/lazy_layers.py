@@ -38,6 +38,7 @@ from imgaccel.reader.accelerated_image import AcceleratedImage, ImageOpenError, 
 from imgaccel.reader.chunk_cache import ChunkCache
 from imgaccel.reader.layer_reader import FetchSlots, LayerReader
 from imgaccel.snapshotter.image_warmup import WarmUp, WarmUpCounters, WarmUpState, warm_up
+from imgaccel.snapshotter.memory import release_free_memory
 
 log = logging.getLogger(__name__)
 ClientFactory = Callable[[str], Awaitable[RegistryClient]]  # registry host -> its client
@@ -140,6 +141,7 @@ class LazyImages:
                 if opened is not None:
                     self._stop(opened)
                     log.info("%s: closed (no layer of it is mounted)", ref)
+                    release_free_memory()
 
     async def _open(self, ref: ImageRef) -> OpenImage:
         task = self._images.get(ref)
@@ -162,6 +164,7 @@ class LazyImages:
         opened.task = asyncio.create_task(
             warm_up(client, image, self.policy, self.counters, opened.warm_up, self._on_complete)
         )
+        opened.task.add_done_callback(lambda _: release_free_memory())  # its buffers are garbage now
         return opened
 
     @staticmethod
@@ -234,7 +237,7 @@ async def write_local_tar(reader: LayerReader, path: Path, piece: int = 4 << 20)
     try:
         with open(tmp, "wb") as f:
             for offset in range(0, size, piece):
-                data = await reader.read(offset, min(piece, size - offset))
+                data = await reader.read(offset, min(piece, size - offset), record=False)
                 await asyncio.to_thread(_write_and_hash, f, digest, data)
             await asyncio.to_thread(os.fsync, f.fileno())
         got = "sha256:" + digest.hexdigest()
