@@ -253,6 +253,7 @@ def main() -> None:
         help="about this many files spread over /usr (0: the first --size bytes of /usr/lib, /usr/share)",
     )
     ap.add_argument("--modes", default="full,index", help="imgaccel modes to run")
+    ap.add_argument("--index-span", help="convert index mode with this checkpoint distance (default: convert's)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (daemon logs) and print it")
     ap.add_argument("--warm-only", action="store_true", help="only the warm per-file reads and idle RSS")
     ap.add_argument(
@@ -283,8 +284,9 @@ def main() -> None:
         try:
             asyncio.run(push_layer(reg.host, "bench/app", gz, diff_id))
             for mode in ("full", "index"):
+                span = ["--span", args.index_span] if mode == "index" and args.index_span else []
                 subprocess.run([sys.executable, "-m", "imgaccel.cli.main", "convert", f"{reg.host}/bench/app:v1",
-                                "--mode", mode], cwd=ROOT, check=True, capture_output=True)  # fmt: skip
+                                "--mode", mode, *span], cwd=ROOT, check=True, capture_output=True)  # fmt: skip
             print(f"image: {len(files)} files, tar {tar_size / 1e6:.0f} MB, gzip {gz.stat().st_size / 1e6:.0f} MB; "
                   f"link 200 Mbit/s + 10 ms per request", flush=True)  # fmt: skip
             refs = {

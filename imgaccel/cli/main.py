@@ -63,7 +63,7 @@ platform_opt = click.option("--platform", help="os/arch[/variant] to read (defau
 @click.option("--frame-size", type=SizeParam(), default="128KiB", show_default=True,
               help="Full mode: small files are grouped into frames of up to this size.")  # fmt: skip
 @click.option(
-    "--span", type=SizeParam(), default="4MiB", show_default=True, help="Index mode: distance between checkpoints."
+    "--span", type=SizeParam(), default="1MiB", show_default=True, help="Index mode: distance between checkpoints."
 )
 @click.option("--fallback", type=click.Choice(["none", "full"]), default="none", show_default=True,
               help="Index mode: store a full-mode copy of layers that cannot be indexed.")  # fmt: skip

@@ -50,7 +50,7 @@ class ConvertOptions:
     mode: Mode = "index"
     compression: Literal["zstd", "lz4"] = "zstd"  # full mode
     tag_suffix: str | None = None  # None: DEFAULT_SUFFIX[mode]
-    span: int = 4 << 20  # index mode: uncompressed bytes between gzip checkpoints / tar chunks
+    span: int = 1 << 20  # index mode: uncompressed bytes between gzip checkpoints / tar chunks
     chunk_size: int = 4 << 20  # full mode: big files are split into frames of this size
     frame_size: int = 128 << 10  # full mode: small entries are grouped into frames up to this size
     level: int | None = None  # full mode compression level (zstd 4, lz4 0 by default)

@@ -129,7 +129,7 @@ def build_seekable_index(
     path: str,
     encoding: Encoding,
     blob_digest: str,
-    span: int = 4 << 20,
+    span: int = 1 << 20,
     gzip_threads: int = 1,
     limits: TarLimits = DEFAULT_TAR_LIMITS,
 ) -> SeekableIndex:
