@@ -29,7 +29,9 @@ class Ranges:
         self.calls = 0
         self.served = 0  # byte ranges
 
-    async def fetch_ranges(self, repo: str, digest: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+    async def fetch_ranges(
+        self, repo: str, digest: str, ranges: Sequence[tuple[int, int]], *, fresh: bool = False
+    ) -> list[bytes]:
         self.calls += 1
         return [self.serve(start, end) for start, end in ranges]
 
@@ -146,10 +148,12 @@ class SlowRanges(Ranges):
         self.delay = delay
         self.log: list[int] = []
 
-    async def fetch_ranges(self, repo: str, digest: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+    async def fetch_ranges(
+        self, repo: str, digest: str, ranges: Sequence[tuple[int, int]], *, fresh: bool = False
+    ) -> list[bytes]:
         self.log += [start for start, _ in ranges]
         await asyncio.sleep(self.delay)
-        return await super().fetch_ranges(repo, digest, ranges)
+        return await super().fetch_ranges(repo, digest, ranges, fresh=fresh)
 
 
 def test_concurrent_reads_of_one_chunk_share_one_request(tmp_path: Path, tar: bytes) -> None:

@@ -37,7 +37,9 @@ class FileRanges:
     def __init__(self, path: Path) -> None:
         self.data = path.read_bytes()
 
-    async def fetch_ranges(self, repo: str, digest: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+    async def fetch_ranges(
+        self, repo: str, digest: str, ranges: Sequence[tuple[int, int]], *, fresh: bool = False
+    ) -> list[bytes]:
         return [self.data[start:end] for start, end in ranges]
 
 

@@ -80,7 +80,9 @@ class BlobRanges:
     def __init__(self, data: bytes) -> None:
         self.data = data
 
-    async def fetch_ranges(self, repo: str, digest: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+    async def fetch_ranges(
+        self, repo: str, digest: str, ranges: Sequence[tuple[int, int]], *, fresh: bool = False
+    ) -> list[bytes]:
         for start, end in ranges:
             assert 0 <= start <= end <= len(self.data), f"read {start}-{end} outside a {len(self.data)}-byte blob"
         return [self.data[start:end] for start, end in ranges]

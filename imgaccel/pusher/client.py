@@ -115,9 +115,11 @@ class RegistryClient:
         max_connections: int = 8,
         timeout: float = 300.0,
         docker_config: bool = True,
+        namespace: str | None = None,
     ) -> None:
         """``credentials``: used as given; when None, the Docker config file's for ``registry``
-        unless ``docker_config`` is False (then none at all)."""
+        unless ``docker_config`` is False (then none at all). ``namespace``: ``?ns=<it>`` on
+        every request (``registry`` is then a mirror, e.g. a cache node, of that registry)."""
         self.registry = check_registry_host(registry, "registry")
         if plain_http is None:
             plain_http = is_loopback(registry)
@@ -126,6 +128,7 @@ class RegistryClient:
         if credentials is None and docker_config:
             credentials = load_docker_credentials(registry)
         self.credentials = credentials
+        self.namespace = check_registry_host(namespace, "namespace") if namespace is not None else None
         self.retry = retry or RetryPolicy()
         self._connections = max_connections
         self._timeout = timeout
@@ -244,6 +247,8 @@ class RegistryClient:
         Authorization header on a redirect to another origin).
         """
         url = self._registry_url(path, what, "request URL")
+        if self.namespace is not None:
+            url = str(URL(url, encoded=True).extend_query(ns=self.namespace))
         attempt = 0
         auth_tries = 0
         while True:
@@ -551,13 +556,16 @@ class RegistryClient:
             raise RegistryError(f"{what}: range {start}-{end - 1} returned {len(data)} bytes")
         return data
 
-    async def fetch_ranges(self, repo: str, digest: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+    async def fetch_ranges(
+        self, repo: str, digest: str, ranges: Sequence[tuple[int, int]], *, fresh: bool = False
+    ) -> list[bytes]:
         """Blob bytes of each ``[start, end)`` in ``ranges`` (not overlapping): one multi-range
         GET answered ``multipart/byteranges`` when there are several, else one Range GET each.
         A registry (or the storage it redirects to) that answers a multi-range GET with the
         whole blob is detected from the status line, before its body is read: the connection
         is dropped and this client asks one range at a time from then on; so it does after a
-        malformed multipart answer. Not verified here: callers verify."""
+        malformed multipart answer. Not verified here: callers verify. (``fresh`` changes
+        nothing: the registry is the origin.)"""
         self._check(repo, digest=digest)
         if len(ranges) > 1 and not self.multi_range_unsupported and digest not in self._spools:
             what = f"{self.registry}/{repo}@{digest}"

@@ -3,7 +3,9 @@
 ``open_image`` finds, for the wanted platform, each layer's index: index-only images through
 the artifact manifest in the ``_accelerated`` index (or the source manifest's referrers), full
 images through the TOC that each layer's annotations locate and pin by digest. Only indexes
-and the chunks a read needs are fetched.
+and the chunks a read needs are fetched. Manifests and index-only index blobs come from the
+client; byte ranges of layer blobs (full-mode TOCs, chunks) from ``fetcher`` when one is given
+(the node daemon's cache nodes: ``snapshotter.cache_nodes``), else from the client too.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from imgaccel.formats import oci, toc
 from imgaccel.pusher.client import Manifest, RegistryClient
 from imgaccel.pusher.reference import ImageRef
 from imgaccel.reader.chunk_cache import ChunkCache
-from imgaccel.reader.layer_reader import FetchSlots, LayerReader
+from imgaccel.reader.layer_reader import FetchSlots, LayerReader, RangeFetcher
 from imgaccel.reader.merged_view import MergedView, Node, PathError
 
 MAX_INDEX_BLOB = 256 << 20
@@ -113,7 +115,9 @@ async def _index_artifact(
     return None
 
 
-async def _read_toc(client: RegistryClient, repo: str, layer: oci.Descriptor) -> li.LayerIndex:
+async def _read_toc(
+    client: RegistryClient, repo: str, layer: oci.Descriptor, fetcher: RangeFetcher | None = None
+) -> li.LayerIndex:
     ann = layer.annotations or {}
     what = f"{client.registry}/{repo}@{layer.digest}"
     try:
@@ -122,8 +126,11 @@ async def _read_toc(client: RegistryClient, repo: str, layer: oci.Descriptor) ->
         raise ImageOpenError(f"{what}: layer has no imgaccel TOC annotations") from None
     if off < 0 or size <= 0 or off + size > layer.size:
         raise ImageOpenError(f"{what}: TOC annotations point outside the blob")
-    data = await client.fetch_range(repo, layer.digest, off, off + size)
-    if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+    for fresh in (False, True):  # asked once more on a mismatch: of the registry itself (``fresh``)
+        (data,) = await (fetcher or client).fetch_ranges(repo, layer.digest, [(off, off + size)], fresh=fresh)
+        if "sha256:" + hashlib.sha256(data).hexdigest() == digest:
+            break
+    else:
         raise ImageOpenError(f"{what}: TOC bytes do not match their digest {digest}")
     try:
         index = li.decode_index_json(toc.parse_skippable_frame(data, toc.TOC_MAGIC))
@@ -134,17 +141,22 @@ async def _read_toc(client: RegistryClient, repo: str, layer: oci.Descriptor) ->
 
 
 async def _full_layers(
-    client: RegistryClient, ref: ImageRef, manifest: oci.ImageManifest, cache: ChunkCache | None, slots: FetchSlots
+    client: RegistryClient,
+    ref: ImageRef,
+    manifest: oci.ImageManifest,
+    cache: ChunkCache | None,
+    slots: FetchSlots,
+    fetcher: RangeFetcher,
 ) -> list[LayerReader]:
-    indexes = await asyncio.gather(*(_read_toc(client, ref.repository, layer) for layer in manifest.layers))
+    indexes = await asyncio.gather(*(_read_toc(client, ref.repository, layer, fetcher) for layer in manifest.layers))
     return [
-        _toc_reader(client, ref, layer, index, cache, slots)
+        _toc_reader(fetcher, ref, layer, index, cache, slots)
         for layer, index in zip(manifest.layers, indexes, strict=True)
     ]
 
 
 def _toc_reader(
-    client: RegistryClient,
+    fetcher: RangeFetcher,
     ref: ImageRef,
     layer: oci.Descriptor,
     index: li.LayerIndex,
@@ -153,7 +165,7 @@ def _toc_reader(
 ) -> LayerReader:
     toc_size = int((layer.annotations or {})[li.ANN_TOC_SIZE])
     return LayerReader(
-        client,
+        fetcher,
         ref.repository,
         layer.digest,
         index,
@@ -171,6 +183,7 @@ async def _index_layers(
     artifact: oci.ImageManifest,
     cache: ChunkCache | None,
     slots: FetchSlots,
+    fetcher: RangeFetcher,
 ) -> list[LayerReader]:
     by_source = {(d.annotations or {}).get(li.ANN_LAYER_DIGEST): d for d in artifact.layers}
 
@@ -180,8 +193,8 @@ async def _index_layers(
         if desc is None:
             raise ImageOpenError(f"{what}: the index artifact has no index for this layer")
         if desc.mediaType != li.INDEX_BLOB_MEDIA_TYPE:  # a full-mode copy (--fallback full)
-            index = await _read_toc(client, ref.repository, desc)
-            return _toc_reader(client, ref, desc, index, cache, slots)
+            index = await _read_toc(client, ref.repository, desc, fetcher)
+            return _toc_reader(fetcher, ref, desc, index, cache, slots)
         blob = await client.read_blob(ref.repository, desc.digest, MAX_INDEX_BLOB)
         try:
             index, windows = li.decode_index_blob(blob)
@@ -190,7 +203,7 @@ async def _index_layers(
         if index.blob_digest != layer.digest or index.blob_size != layer.size:
             raise ImageOpenError(f"{what}: index {desc.digest} describes another blob ({index.blob_digest})")
         return LayerReader(
-            client,
+            fetcher,
             ref.repository,
             layer.digest,
             index,
@@ -210,11 +223,14 @@ async def open_image(
     platform: str | None = None,
     cache: ChunkCache | None = None,
     slots: FetchSlots | None = None,
+    fetcher: RangeFetcher | None = None,
 ) -> AcceleratedImage:
     """Open ``ref`` (an ``_accelerated`` or ``_containerd_accelerated`` image, or a source
     image with an index attached as a referrer) for lazy reading. ``slots`` bounds the Range
-    requests all its layers have in flight."""
+    requests all its layers have in flight. ``fetcher`` (default: ``client``) answers the
+    byte-range reads of layer blobs: full-mode TOCs and every chunk."""
     slots = slots or FetchSlots()
+    fetcher = fetcher or client
     wanted = platform or host_platform_label()
     top = await client.get_manifest(ref.repository, ref.reference)
     candidates: list[oci.Descriptor] = []
@@ -229,7 +245,7 @@ async def open_image(
     parsed = oci.ImageManifest.model_validate_json(manifest.data)
     ann = parsed.annotations or {}
     if ann.get(li.ANN_MODE) == "full":
-        layers = await _full_layers(client, ref, parsed, cache, slots)
+        layers = await _full_layers(client, ref, parsed, cache, slots, fetcher)
         mode, source = "full", ann.get(li.ANN_SOURCE_DIGEST)
     else:
         artifact = await _index_artifact(client, ref, manifest, candidates)
@@ -239,7 +255,7 @@ async def open_image(
             )
         if artifact is None:
             raise ImageOpenError(f"{ref}: not an accelerated image (no imgaccel index for {manifest.digest})")
-        layers = await _index_layers(client, ref, parsed, artifact, cache, slots)
+        layers = await _index_layers(client, ref, parsed, artifact, cache, slots, fetcher)
         mode, source = "index", manifest.digest
     digests = [layer.digest for layer in parsed.layers]
     return AcceleratedImage(

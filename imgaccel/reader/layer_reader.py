@@ -46,7 +46,12 @@ PREFIX_MARGIN, PREFIX_SLACK = 1.25, 32 << 10
 class RangeFetcher(Protocol):
     multi_range_unsupported: bool  # True: each byte range needs a request of its own
 
-    async def fetch_ranges(self, repo: str, digest: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]: ...
+    async def fetch_ranges(
+        self, repo: str, digest: str, ranges: Sequence[tuple[int, int]], *, fresh: bool = False
+    ) -> list[bytes]:
+        """The bytes of ``ranges`` of the blob. ``fresh``: bytes an earlier answer gave for
+        them failed verification: ask the origin (the registry), not a mirror or cache."""
+        ...
 
 
 class ChunkReadError(IOError):
@@ -354,7 +359,7 @@ class LayerReader:
         c = self.index.chunks[p]
         log.warning("%s@%s chunk %d failed verification (%s); fetching it again", self.repo, self.blob_digest, p, first)
         self.stats.refetches += 1
-        piece = (await self._fetch([(c.c_offset, self._c_end(p))]))[0]
+        piece = (await self._fetch([(c.c_offset, self._c_end(p))], fresh=True))[0]
         try:
             return await asyncio.to_thread(self._decode, p, piece, needed), piece
         except ChunkVerificationError as e:
@@ -398,10 +403,10 @@ class LayerReader:
         c = self.index.chunks[p]
         return c.c_offset + c.c_size
 
-    async def _fetch(self, spans: list[tuple[int, int]]) -> list[bytes]:
+    async def _fetch(self, spans: list[tuple[int, int]], fresh: bool = False) -> list[bytes]:
         started = time.monotonic()
         try:
-            datas = await self.fetcher.fetch_ranges(self.repo, self.blob_digest, spans)
+            datas = await self.fetcher.fetch_ranges(self.repo, self.blob_digest, spans, fresh=fresh)
         except Exception as e:
             where = f"bytes {spans[0][0]}-{spans[0][1] - 1}" + (
                 f" and {len(spans) - 1} more ranges" if len(spans) > 1 else ""

@@ -9,11 +9,12 @@ snapshots and metadata under ``/var/lib/imgaccel``, caches lazily read chunks in
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from imgaccel.pusher.auth import Credentials, docker_config_path, load_docker_credentials
 from imgaccel.pusher.reference import ReferenceError, check_registry_host, is_loopback
@@ -41,6 +42,23 @@ class CriProxyConfig(BaseModel):
         if not p.is_absolute():
             raise ValueError(f"{p}: must be an absolute path")
         return p
+
+
+class CacheNodeConfig(BaseModel):
+    """One cache node (``imgaccel cachenode``) the daemon fetches blob bytes from."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    address: str  # host:port of the cache node
+    plain_http: bool = True  # False: TLS
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        try:
+            return check_registry_host(v, None)
+        except ReferenceError as e:
+            raise ValueError(str(e)) from None
 
 
 class NodeConfig(BaseModel):
@@ -74,6 +92,26 @@ class NodeConfig(BaseModel):
     # Kubernetes: a CRI image-service proxy on this socket (kubelet --image-service-endpoint) hands
     # the daemon the credentials of each PullImage, forwarding every call to containerd.
     cri_proxy: CriProxyConfig | None = None
+    # Cache nodes blob bytes (chunk Range reads, full-mode TOCs) are fetched from before the
+    # registry: each blob from its rendezvous-hashed node first, the others, then the registry.
+    cache_nodes: list[CacheNodeConfig] = []
+    cache_node_token: str | None = Field(None, repr=False)  # cluster token, sent as the Basic password
+    cache_node_token_env: str | None = None  # ... or the environment variable holding it
+    cache_node_down_seconds: float = Field(30.0, gt=0)  # a failed cache node is skipped this long
+
+    @model_validator(mode="after")
+    def _one_token(self) -> NodeConfig:
+        if self.cache_node_token is not None and self.cache_node_token_env is not None:
+            raise ValueError("give cache_node_token or cache_node_token_env, not both")
+        if self.cache_node_token_env is not None and os.environ.get(self.cache_node_token_env) is None:
+            raise ValueError(f"cache_node_token_env: environment variable {self.cache_node_token_env} is not set")
+        return self
+
+    def cache_node_token_value(self) -> str | None:
+        """The cluster token for cache nodes: inline, or from its environment variable."""
+        if self.cache_node_token_env is not None:
+            return os.environ.get(self.cache_node_token_env)
+        return self.cache_node_token
 
     @field_validator("plain_http")
     @classmethod

@@ -51,6 +51,7 @@ from imgaccel.reader.chunk_cache import ChunkCache
 from imgaccel.reader.layer_reader import LayerReader
 from imgaccel.snapshotter import fuse_holder, kernel_path
 from imgaccel.snapshotter.blob_fs import BlobFS, FsStats
+from imgaccel.snapshotter.cache_nodes import CacheNodes
 from imgaccel.snapshotter.config import NodeConfig
 from imgaccel.snapshotter.image_warmup import WarmUp
 from imgaccel.snapshotter.keychain import Keychain
@@ -87,8 +88,12 @@ class ErofsLayers:
         self._client_lock = asyncio.Lock()
         self.keychain: Keychain | None = None  # credentials of CRI pulls (the daemon's, with its CRI proxy)
         cache = ChunkCache(config.cache_dir, memory=CHUNK_CACHE_MEMORY)
+        self.cache_nodes = CacheNodes.from_config(config)  # blob bytes come through them first (None: none)
+        if self.cache_nodes is not None:
+            self._stack.push_async_callback(self.cache_nodes.close)
         self.images = LazyImages(self._client, cache, warm_up=warm_up_policy(config),
-                                 on_complete=self._write_local_layers)  # fmt: skip
+                                 on_complete=self._write_local_layers,
+                                 fetcher_for=self.cache_nodes.fetcher if self.cache_nodes else None)  # fmt: skip
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._users: defaultdict[str, set[str]] = defaultdict(set)  # layer hex -> snapshot names
         self._restoring: list[asyncio.Task[None]] = []
@@ -294,6 +299,7 @@ class ErofsLayers:
             fuse=fuse,
             counters=dataclasses.asdict(self.images.counters),
             fallbacks=dict(self.fallbacks),
+            cache_nodes=self.cache_nodes.status() if self.cache_nodes is not None else [],
         )
 
 

@@ -36,12 +36,13 @@ from imgaccel.pusher.errors import RegistryError
 from imgaccel.pusher.reference import ImageRef, ReferenceError, parse_reference
 from imgaccel.reader.accelerated_image import AcceleratedImage, ImageOpenError, open_image
 from imgaccel.reader.chunk_cache import ChunkCache
-from imgaccel.reader.layer_reader import FetchSlots, LayerReader
+from imgaccel.reader.layer_reader import FetchSlots, LayerReader, RangeFetcher
 from imgaccel.snapshotter.image_warmup import WarmUp, WarmUpCounters, WarmUpState, warm_up
 from imgaccel.snapshotter.memory import release_free_memory
 
 log = logging.getLogger(__name__)
 ClientFactory = Callable[[str], Awaitable[RegistryClient]]  # registry host -> its client
+FetcherFactory = Callable[[RegistryClient], RangeFetcher]  # a registry's client -> what reads its blobs' bytes
 READER_MEMORY_CACHE = 4 << 20  # decoded bytes each layer reader keeps in memory
 
 SNAPSHOT_REF = "containerd.io/snapshot.ref"
@@ -92,7 +93,8 @@ class OpenImage:
 
 class LazyImages:
     """Accelerated images opened once per (registry, repository, reference), shared by every
-    layer Prepare of a pull. ``client_for(registry)`` gives the registry client to use.
+    layer Prepare of a pull. ``client_for(registry)`` gives the registry client to use, and
+    ``fetcher_for(client)``, when given, what layer readers fetch blob bytes through (cache nodes).
 
     An image stays open while any of its layers is in use (``layer`` marks one, ``release``
     unmarks it); when none is, it is closed and its warm-up stopped, so a node's memory follows
@@ -106,8 +108,10 @@ class LazyImages:
         platform: str | None = None,
         warm_up: WarmUp | None = None,
         on_complete: Callable[[AcceleratedImage], Awaitable[None]] | None = None,
+        fetcher_for: FetcherFactory | None = None,
     ) -> None:
         self._client_for = client_for
+        self._fetcher_for = fetcher_for
         self._cache = cache
         self._slots = slots or FetchSlots()
         self._platform = platform
@@ -155,7 +159,8 @@ class LazyImages:
 
     async def _open_once(self, ref: ImageRef) -> OpenImage:
         client = await self._client_for(ref.registry)
-        image = await open_image(client, ref, self._platform, self._cache, self._slots)
+        fetcher = self._fetcher_for(client) if self._fetcher_for is not None else None
+        image = await open_image(client, ref, self._platform, self._cache, self._slots, fetcher)
         for reader in image.layers:
             # The kernel caches file pages and the chunk cache holds every chunk: a small
             # in-memory cache (partly read chunks, neighbours of a read) is all that pays here.

@@ -55,6 +55,16 @@ class FuseStatus(BaseModel):
     read_sizes: str  # READs by size bucket, one line
 
 
+class CacheNodeStatus(BaseModel):
+    address: str
+    healthy: bool
+    down_seconds_left: float  # until it is asked again (0 when healthy)
+    requests: int  # Range requests it answered
+    bytes_fetched: int  # blob bytes it answered with
+    failures: int  # times it failed (connection error, timeout, 5xx) and was marked down
+    last_error: str
+
+
 class RemoteStatus(BaseModel):
     """What the lazy-layer side (``ErofsLayers.describe``) reports."""
 
@@ -64,6 +74,7 @@ class RemoteStatus(BaseModel):
     fuse: FuseStatus | None = None
     counters: dict[str, int] = {}  # profile replays, recordings, background fetches, failures
     fallbacks: dict[str, int] = {}  # why layers were left to containerd's normal pull, and how often
+    cache_nodes: list[CacheNodeStatus] = []  # where blob bytes are fetched from before the registry
 
 
 class NodeStatus(RemoteStatus):
@@ -171,6 +182,14 @@ def render(s: NodeStatus) -> list[str]:
                      f"{s.fuse.resent} resent")  # fmt: skip
         if s.fuse.read_sizes:
             lines.append(f"  READ sizes: {s.fuse.read_sizes}")
+    if s.cache_nodes:
+        lines.append(f"cache nodes: {len(s.cache_nodes)}")
+    for cn in s.cache_nodes:
+        health = "healthy" if cn.healthy else f"DOWN for {cn.down_seconds_left:.0f} s more ({cn.last_error})"
+        lines.append(
+            f"  {cn.address} {health}; fetched {_size(cn.bytes_fetched)} in {cn.requests} requests,"
+            f" {cn.failures} failures"
+        )
     counters = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in s.counters.items())
     lines.append(f"warm-up: {counters or 'nothing yet'}")
     if s.fallbacks:
