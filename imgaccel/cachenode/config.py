@@ -20,16 +20,16 @@ remembers credential checks for 60 s and fills at most 4 blobs in the background
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Annotated
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from imgaccel.pusher.auth import Credentials, docker_config_path, load_docker_credentials
 from imgaccel.pusher.reference import ReferenceError, check_registry_host, is_loopback
+from imgaccel.pusher.secret import Secret
 
 CONFIG_NAME = "cachenode.yaml"
 _SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(?:i?b)?\s*", re.IGNORECASE)
@@ -62,27 +62,6 @@ def _host(value: str) -> str:
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class Secret(_Strict):
-    """A secret given inline (``value``) or by environment variable name (``env``)."""
-
-    value: str | None = Field(default=None, repr=False)
-    env: str | None = None
-
-    @model_validator(mode="after")
-    def _one(self) -> Secret:
-        if (self.value is None) == (self.env is None):
-            raise ValueError("give exactly one of 'value' or 'env'")
-        if self.env is not None and os.environ.get(self.env) is None:
-            raise ValueError(f"environment variable {self.env} is not set")
-        return self
-
-    def get(self) -> str:
-        if self.value is not None:
-            return self.value
-        assert self.env is not None
-        return os.environ.get(self.env, "")
 
 
 class UpstreamConfig(_Strict):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
 import re
@@ -29,8 +28,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
+from imgaccel.formats import oci
 from imgaccel.pusher.reference import check_digest
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ class Store:
             data = os.pread(fd, size + 1, 0)
         finally:
             os.close(fd)
-        if _digest_of(data, digest) != digest:
+        if oci.digest_of(data, digest) != digest:
             log.warning("store: %s %s is damaged on disk; dropped", kind, digest)
             self.remove(kind, digest)
             return None
@@ -211,7 +211,7 @@ class Writer:
         self.tmp = store.root / "tmp" / f"{self.key.replace('/', '-')}.{secrets.token_hex(6)}"
         self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         self.written = 0
-        self._hash = _hasher(digest)
+        self._hash = oci.hasher(digest)
         self._reserved = 0
         self._closed = False
 
@@ -235,7 +235,7 @@ class Writer:
     def restart(self) -> None:
         os.ftruncate(self.fd, 0)
         self.written = 0
-        self._hash = _hasher(self.digest)
+        self._hash = oci.hasher(self.digest)
 
     async def commit(self) -> bool:
         """Verify and move into place; True when stored (False: larger than the store).
@@ -270,13 +270,3 @@ class Writer:
         if self._reserved:
             self.store._release(self._reserved)
             self._reserved = 0
-
-
-def _hasher(digest: str) -> Any:
-    return hashlib.new(digest.split(":", 1)[0])
-
-
-def _digest_of(data: bytes, like: str) -> str:
-    h = _hasher(like)
-    h.update(data)
-    return f"{like.split(':', 1)[0]}:{h.hexdigest()}"

@@ -52,6 +52,18 @@ def sha256_digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+def hasher(digest: str) -> Any:
+    """A hashlib object for ``digest``'s algorithm (sha256 or sha512)."""
+    return hashlib.new(digest.split(":", 1)[0])
+
+
+def digest_of(data: bytes, like: str) -> str:
+    """``data``'s digest with the algorithm of the digest ``like``."""
+    h = hasher(like)
+    h.update(data)
+    return f"{like.split(':', 1)[0]}:{h.hexdigest()}"
+
+
 def canonical_json(obj: Any) -> bytes:
     """The bytes imgaccel pushes for manifests it writes: compact, keys in model order."""
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import email.message
 import email.utils
-import hashlib
 import json
 import logging
 import os
@@ -350,8 +349,8 @@ class RegistryClient:
         if len(data) > MAX_MANIFEST_SIZE:
             raise RegistryError(f"{what}: manifest is larger than {MAX_MANIFEST_SIZE} bytes")
         digest = oci.sha256_digest(data)
-        if is_digest(reference) and _digest_of(data, reference) != reference:
-            raise DigestMismatchError(f"{what}: manifest bytes hash to {_digest_of(data, reference)}")
+        if is_digest(reference) and oci.digest_of(data, reference) != reference:
+            raise DigestMismatchError(f"{what}: manifest bytes hash to {oci.digest_of(data, reference)}")
         try:
             declared = json.loads(data).get("mediaType")
         except (ValueError, AttributeError):
@@ -453,8 +452,8 @@ class RegistryClient:
         )
         if len(data) > max_size:
             raise RegistryError(f"{what}: blob is larger than {max_size} bytes")
-        if _digest_of(data, digest) != digest:
-            raise DigestMismatchError(f"{what}: blob bytes hash to {_digest_of(data, digest)}")
+        if oci.digest_of(data, digest) != digest:
+            raise DigestMismatchError(f"{what}: blob bytes hash to {oci.digest_of(data, digest)}")
         return data
 
     async def download_blob(
@@ -474,7 +473,7 @@ class RegistryClient:
             blob = f"{self.registry}/{repo}: blob {digest}"
             return DigestMismatchError(f"{blob}: registry sends {sent} bytes, the descriptor says {expected_size}")
 
-        h = _hasher(digest)
+        h = oci.hasher(digest)
         got = 0
         with open(path, "wb") as f:
             for attempt in range(self.retry.attempts):
@@ -484,7 +483,7 @@ class RegistryClient:
                         if got and resp.status == 200:  # no resume: start again
                             f.seek(0)
                             f.truncate()
-                            h, got = _hasher(digest), 0
+                            h, got = oci.hasher(digest), 0
                         announced = _announced_size(resp, got)
                         if expected_size is not None and announced is not None and announced != expected_size:
                             raise sizes_differ(announced)
@@ -595,7 +594,7 @@ class RegistryClient:
             self._spool_dir = tempfile.TemporaryDirectory(prefix="imgaccel-spool-")
         check_digest(digest, what)  # it names a local file
         path = os.path.join(self._spool_dir.name, digest.replace(":", "-"))
-        h = _hasher(digest)
+        h = oci.hasher(digest)
         with open(path, "wb") as f:
             async for block in resp.content.iter_chunked(1 << 20):
                 f.write(block)
@@ -814,18 +813,6 @@ def _token_realm(realm: str, registry: str) -> URL:
     if url is None or url.scheme not in ("http", "https") or not url.host or url.user or url.password or url.fragment:
         raise AuthError(f"{registry}: refusing the token realm {show(realm)}: not an http(s) URL", 401)
     return url
-
-
-def _hasher(digest: str) -> Any:
-    """A hashlib object for ``digest``'s algorithm (sha256 or sha512)."""
-    return hashlib.new(digest.split(":", 1)[0])
-
-
-def _digest_of(data: bytes, like: str) -> str:
-    """``data``'s digest with the algorithm of the digest ``like``."""
-    h = _hasher(like)
-    h.update(data)
-    return f"{like.split(':', 1)[0]}:{h.hexdigest()}"
 
 
 def _referrers_tag(digest: str) -> str:

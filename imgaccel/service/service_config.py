@@ -8,19 +8,19 @@ events without a token (loopback only). Every field is documented in README.md.
 from __future__ import annotations
 
 import fnmatch
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from imgaccel.converter.options import DEFAULT_SUFFIX, ConversionLimits, ConvertOptions
 from imgaccel.pusher.auth import Credentials, load_docker_credentials
 from imgaccel.pusher.client import RetryPolicy
 from imgaccel.pusher.reference import ReferenceError, check_registry_host, check_repository, is_loopback
+from imgaccel.pusher.secret import Secret
 
 _REFERRERS_TAG = re.compile(r"(?:sha256|sha512)-[0-9a-f]{64}")  # OCI 1.1 tag-schema referrers indexes
 _TAG_SUFFIX = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -36,28 +36,6 @@ def _strictly(check: Callable[[object, str | None], str], value: object) -> str:
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class Secret(_Strict):
-    """A secret given inline (``value``) or by environment variable name (``env``)."""
-
-    value: str | None = None
-    env: str | None = None
-
-    @model_validator(mode="after")
-    def _one(self) -> Secret:
-        if (self.value is None) == (self.env is None):
-            raise ValueError("give exactly one of 'value' or 'env'")
-        return self
-
-    def get(self) -> str:
-        if self.value is not None:
-            return self.value
-        assert self.env is not None
-        value = os.environ.get(self.env)
-        if value is None:
-            raise ValueError(f"environment variable {self.env} is not set")
-        return value
 
 
 class RegistryConfig(_Strict):
