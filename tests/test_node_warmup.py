@@ -1,8 +1,9 @@
 """The node daemon's warm-up and status through real containerd: an image pulled without a
 profile is fetched whole in the background, its layers are written out as local tars checked
-against their diff_ids (later mounts read them without FUSE), the container's start-up reads
-become a profile pushed to the registry, and a later pull replays it. ``imgaccel node status``
-reports all of it."""
+against their diff_ids, the container's start-up reads become a profile pushed to the
+registry; after a restart that lost the mounts (a reboot) the layers are mounted from the local
+copies (no FUSE read) and the profile is replayed; removing the image deletes the copies.
+``imgaccel node status`` reports all of it."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from imgaccel.pusher.client import RegistryClient
 from imgaccel.pusher.reference import parse_reference
 from imgaccel.reader.accelerated_image import open_image
 from imgaccel.reader.profiles import find_profile
+from imgaccel.snapshotter.erofs_layers import unmount_all
 from tests.helpers import get_bytes, get_json, run_cli
 from tests.registry import Registry
 from tests.test_lazy_containerd import WHY, platform_layers, push_converted, rpull, source_files
@@ -109,21 +111,26 @@ def test_warm_up_writes_local_layers_records_a_profile_and_replays_it(
     assert (profile_chunks(ref) or 0) > 0
     wait_for("the recording to be reported", lambda: "pushed sha256:" in str(status(daemon)["images"]))
 
-    # Once no snapshot uses them, the layers are released and the image closed.
+    # A node restarted (its mounts gone, as after a reboot): the daemon mounts the layers again
+    # from their local copies (the kernel reads them without FUSE) and replays the new profile.
+    daemon.stop()
+    asyncio.run(unmount_all(daemon.root))
+    daemon.start(None)
+    wait_for("the layers to be mounted again", lambda: len(status(daemon)["layers"]) >= len(layers))
+    out = ctr_run(ctr, "run", "--rm", "--snapshotter", "imgaccel", ref, "warm-2", "/bin/sha256sum", "/data/big.bin")
+    assert out.split()[0] == want
+    st = status(daemon)
+    assert "READ" not in st["fuse"]["requests"], f"reads went through FUSE: {st['fuse']}"
+    assert all(la["source"] == "local" for la in st["layers"] if la["digest"] in layers), st["layers"]
+    assert daemon.log().count("from its local copy") >= len(layers), daemon.log()[-3000:]
+    wait_for("the profile replay", lambda: "replayed profile 'startup'" in daemon.log(), timeout=30)
+
+    # Once no snapshot uses them, the layers are released, their local copies deleted and the
+    # image closed.
     ctr_run(ctr, "images", "rm", "--sync", ref)
     wait_for("the layers to be released", lambda: not {la["digest"] for la in status(daemon)["layers"]} & set(layers))
     assert ref not in [im["ref"] for im in status(daemon)["images"]]
-
-    # A new pull mounts the local copies (the kernel reads them without FUSE) and replays the profile.
-    rpull(ctr, ref)
-    reads_before = status(daemon)["fuse"]["requests"]["READ"]
-    out = ctr_run(ctr, "run", "--rm", "--snapshotter", "imgaccel", ref, "warm-2", "/bin/sha256sum", "/data/big.bin")
-    assert out.split()[0] == want
-    assert status(daemon)["fuse"]["requests"]["READ"] == reads_before, "reads went through FUSE"
-    log = daemon.log()
-    assert log.count("from its local copy") >= len(layers), log[-3000:]
-    wait_for("the profile replay", lambda: "replayed profile 'startup'" in daemon.log(), timeout=30)
-    ctr_run(ctr, "images", "rm", "--sync", ref)
+    assert not list((daemon.root / "lazy" / "layers").glob("*/layer.tar*"))
 
 
 def test_node_status_without_a_daemon_is_one_line(tmp_path: Path) -> None:

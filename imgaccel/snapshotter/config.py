@@ -82,7 +82,7 @@ class NodeConfig(BaseModel):
     background_fetch: Literal["off", "no-profile", "always"] = "no-profile"
     # A layer whose every chunk is cached is also written out as a local tar file
     # (<root>/lazy/layers/<hex>/layer.tar, checked against its diff_id); later mounts read it
-    # directly (EROFS device=) instead of through FUSE.
+    # directly (EROFS device=) instead of through FUSE. Deleted when the layer is released.
     local_layers: bool = True
     # How lazy layers reach the kernel: "file" (file-backed EROFS, Linux >= 6.12), "loop" (EROFS
     # on loop devices), "fuse" (a FUSE tree per layer, for kernels without 512-byte-block EROFS,

@@ -236,6 +236,11 @@ class ErofsLayers:
             if self.blobs is not None and hexd in self.blobs.names():
                 await self.blobs.remove(hexd)
             self.images.release(f"sha256:{hexd}")
+            # The local copy goes with the layer: removing an image frees its disk space (the
+            # chunk cache, bounded, still holds its chunks for a later pull).
+            local = self.local_tar(f"sha256:{hexd}")
+            local.unlink(missing_ok=True)
+            local.with_name(local.name + ".tmp").unlink(missing_ok=True)
             log.info("layer sha256:%s released", hexd)
 
     # -- warm-up results and status ----------------------------------------------------------
