@@ -363,8 +363,20 @@ class ImageConverter:
                 raise ConversionError(
                     f"layer {layer.digest} appears twice in the image, with diff_ids {first[1]} and {diff_id}"
                 )
-        tasks = [self._convert_layer(repo, layer, diff_id, mode, result) for layer, diff_id in unique.values()]
-        converted = dict(zip(unique, await asyncio.gather(*tasks), strict=True))
+        tasks = [
+            asyncio.ensure_future(self._convert_layer(repo, layer, diff_id, mode, result))
+            for layer, diff_id in unique.values()
+        ]
+        try:
+            done = await asyncio.gather(*tasks)
+        except BaseException:
+            # The first failure fails the image: stop the other layers and wait for them to
+            # clean up (their own failures, if any, are not the one to report).
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        converted = dict(zip(unique, done, strict=True))
         out = [converted[layer.digest] for layer in image.parsed.layers]
         result.size_before += sum(layer.size for layer in image.parsed.layers)
         result.size_after += sum(d.size for d in out)
