@@ -131,7 +131,7 @@ class LazyImages:
 
     def opened(self) -> list[OpenImage]:
         """The images open now (for ``node status``)."""
-        return [t.result() for t in self._images.values() if t.done() and t.exception() is None]
+        return [t.result() for t in self._images.values() if _opened(t)]
 
     def release(self, layer_digest: str) -> None:
         """The layer is no longer mounted: close every open image none of whose layers is."""
@@ -139,7 +139,7 @@ class LazyImages:
         for ref, task in list(self._images.items()):
             if not task.done():
                 continue
-            opened = None if task.exception() is not None else task.result()
+            opened = task.result() if _opened(task) else None
             if opened is None or not self._in_use.intersection(opened.image.layer_digests):
                 del self._images[ref]
                 if opened is not None:
@@ -149,7 +149,7 @@ class LazyImages:
 
     async def _open(self, ref: ImageRef) -> OpenImage:
         task = self._images.get(ref)
-        if task is None or (task.done() and task.exception() is not None):
+        if task is None or (task.done() and not _opened(task)):
             task = asyncio.ensure_future(self._open_once(ref))
             self._images[ref] = task
         try:
@@ -179,10 +179,15 @@ class LazyImages:
 
     def close(self) -> None:
         for task in self._images.values():
-            if task.done() and task.exception() is None:
+            if _opened(task):
                 self._stop(task.result())
             else:
                 task.cancel()
+
+
+def _opened(task: asyncio.Task[OpenImage]) -> bool:
+    """The image task finished with an image (not failed, not cancelled)."""
+    return task.done() and not task.cancelled() and task.exception() is None
 
 
 @dataclass
