@@ -28,7 +28,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from imgaccel.pusher.auth import Credentials, docker_config_path, load_docker_credentials
-from imgaccel.pusher.reference import ReferenceError, check_registry_host, is_loopback
+from imgaccel.pusher.reference import check_registry_host, is_loopback
 from imgaccel.pusher.secret import Secret
 
 CONFIG_NAME = "cachenode.yaml"
@@ -53,13 +53,6 @@ def _size(value: object) -> object:
 Size = Annotated[int, BeforeValidator(_size)]
 
 
-def _host(value: str) -> str:
-    try:
-        return check_registry_host(value, None)
-    except ReferenceError as e:
-        raise ValueError(str(e)) from None
-
-
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -77,7 +70,7 @@ class UpstreamConfig(_Strict):
     @field_validator("host", "endpoint")
     @classmethod
     def _registry(cls, v: str | None) -> str | None:
-        return None if v is None else _host(v)
+        return None if v is None else check_registry_host(v, None)  # (a ReferenceError is a ValueError)
 
     @property
     def target(self) -> str:

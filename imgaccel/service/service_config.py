@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -19,19 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from imgaccel.converter.options import DEFAULT_SUFFIX, ConversionLimits, ConvertOptions
 from imgaccel.pusher.auth import Credentials, load_docker_credentials
 from imgaccel.pusher.client import RetryPolicy
-from imgaccel.pusher.reference import ReferenceError, check_registry_host, check_repository, is_loopback
+from imgaccel.pusher.reference import check_registry_host, check_repository, is_loopback
 from imgaccel.pusher.secret import Secret
 
 _REFERRERS_TAG = re.compile(r"(?:sha256|sha512)-[0-9a-f]{64}")  # OCI 1.1 tag-schema referrers indexes
 _TAG_SUFFIX = re.compile(r"[A-Za-z0-9._-]{1,64}")
-
-
-def _strictly(check: Callable[[object, str | None], str], value: object) -> str:
-    """Run a strict reference check as a pydantic validator (its message, one line)."""
-    try:
-        return check(value, None)
-    except ReferenceError as e:
-        raise ValueError(str(e)) from None
 
 
 class _Strict(BaseModel):
@@ -50,7 +41,7 @@ class RegistryConfig(_Strict):
     @field_validator("endpoint")
     @classmethod
     def _host(cls, v: str) -> str:
-        return _strictly(check_registry_host, v)
+        return check_registry_host(v, None)  # (a ReferenceError is a ValueError: pydantic reports it)
 
     def credentials(self) -> Credentials | None:
         if self.username:
@@ -161,7 +152,7 @@ class ServiceConfig(_Strict):
     @field_validator("cache_repo")
     @classmethod
     def _cache_repo(cls, v: str | None) -> str | None:
-        return None if v is None else _strictly(check_repository, v)
+        return None if v is None else check_repository(v, None)
 
     def registry(self, endpoint: str) -> RegistryConfig:
         for r in self.registries:

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from imgaccel.pusher.auth import Credentials, docker_config_path, load_docker_credentials
-from imgaccel.pusher.reference import ReferenceError, check_registry_host, is_loopback
+from imgaccel.pusher.reference import check_registry_host, is_loopback
 
 DEFAULT_SOCKET = Path("/run/imgaccel/snapshotter.sock")
 DEFAULT_ROOT = Path("/var/lib/imgaccel")
@@ -29,19 +29,21 @@ class ConfigError(Exception):
     """The configuration file cannot be used; the message names the file and the field."""
 
 
+def _must_be_absolute(p: Path) -> Path:
+    if not p.is_absolute():
+        raise ValueError(f"{p}: must be an absolute path")
+    return p
+
+
+AbsolutePath = Annotated[Path, AfterValidator(_must_be_absolute)]
+
+
 class CriProxyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    socket: Path = Path("/run/imgaccel/cri.sock")  # kubelet's --image-service-endpoint=unix://<this>
-    containerd: Path = Path("/run/containerd/containerd.sock")  # where the calls are forwarded
+    socket: AbsolutePath = Path("/run/imgaccel/cri.sock")  # kubelet's --image-service-endpoint=unix://<this>
+    containerd: AbsolutePath = Path("/run/containerd/containerd.sock")  # where the calls are forwarded
     credential_ttl: float = Field(3600.0, gt=0)  # seconds a pull's credentials are kept
-
-    @field_validator("socket", "containerd")
-    @classmethod
-    def _absolute(cls, p: Path) -> Path:
-        if not p.is_absolute():
-            raise ValueError(f"{p}: must be an absolute path")
-        return p
 
 
 class CacheNodeConfig(BaseModel):
@@ -55,18 +57,15 @@ class CacheNodeConfig(BaseModel):
     @field_validator("address")
     @classmethod
     def _address(cls, v: str) -> str:
-        try:
-            return check_registry_host(v, None)
-        except ReferenceError as e:
-            raise ValueError(str(e)) from None
+        return check_registry_host(v, None)  # (a ReferenceError is a ValueError: pydantic reports it)
 
 
 class NodeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    socket: Path = DEFAULT_SOCKET  # gRPC unix socket containerd dials (proxy_plugins address)
-    root: Path = DEFAULT_ROOT  # snapshots/<id>/{fs,work} and metadata.db live here
-    cache_dir: Path = DEFAULT_CACHE_DIR  # chunks of lazily read layers
+    socket: AbsolutePath = DEFAULT_SOCKET  # gRPC unix socket containerd dials (proxy_plugins address)
+    root: AbsolutePath = DEFAULT_ROOT  # snapshots/<id>/{fs,work} and metadata.db live here
+    cache_dir: AbsolutePath = DEFAULT_CACHE_DIR  # chunks of lazily read layers
     plain_http: list[str] = []  # registries (host[:port]) reached over plain HTTP besides loopback ones
     plain_http_loopback: bool = True  # 127.0.0.0/8, ::1 and localhost registries over plain HTTP
     docker_config: Path | None = None  # credentials file (default $DOCKER_CONFIG/config.json, ~/.docker/...)
@@ -88,7 +87,7 @@ class NodeConfig(BaseModel):
     # on loop devices), "fuse" (a FUSE tree per layer, for kernels without 512-byte-block EROFS,
     # < 6.4); "auto" probes at start, in that order, and logs what it chose.
     kernel_path: Literal["auto", "file", "loop", "fuse"] = "auto"
-    status_socket: Path | None = None  # `imgaccel node status` asks here (default <root>/status.sock)
+    status_socket: AbsolutePath | None = None  # `imgaccel node status` asks here (default <root>/status.sock)
     # Kubernetes: a CRI image-service proxy on this socket (kubelet --image-service-endpoint) hands
     # the daemon the credentials of each PullImage, forwarding every call to containerd.
     cri_proxy: CriProxyConfig | None = None
@@ -117,18 +116,8 @@ class NodeConfig(BaseModel):
     @classmethod
     def _hosts(cls, hosts: list[str]) -> list[str]:
         for h in hosts:
-            try:
-                check_registry_host(h, None)
-            except ReferenceError as e:
-                raise ValueError(str(e)) from None
+            check_registry_host(h, None)
         return hosts
-
-    @field_validator("socket", "root", "cache_dir", "status_socket")
-    @classmethod
-    def _absolute(cls, p: Path | None) -> Path | None:
-        if p is not None and not p.is_absolute():
-            raise ValueError(f"{p}: must be an absolute path")
-        return p
 
     @property
     def status_path(self) -> Path:

@@ -264,7 +264,7 @@ class ErofsLayers:
                 log.info("layer %s: written out as %s (%.1f s); reads no longer go through the registry",
                          digest, path, time.monotonic() - t0)  # fmt: skip
             hexd = digest.split(":", 1)[1]
-            source = self.blobs.source(hexd) if self.blobs is not None and hexd in self.blobs.names() else None
+            source = self.blobs.source(hexd) if self.blobs is not None else None
             if isinstance(source, LayerTar):
                 source.local = path
             reader.drop_memory_cache()  # reads of the layer come from the local copy now
