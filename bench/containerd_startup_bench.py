@@ -38,7 +38,7 @@ from pathlib import Path
 
 from bench.convert_bench import push_layer, real_files
 from bench.startup_bench import ROOT, ThrottlingProxy, build_image, peak_rss_mb, working_set
-from imgaccel.cli.common import parse_size
+from imgaccel.formats.sizes import parse_size
 from imgaccel.snapshotter.erofs_layers import unmount_all
 from imgaccel.snapshotter.mounts import mount, umount_or_detach
 from tests.containerd import running_containerd

@@ -228,7 +228,7 @@ def main() -> None:
     ap.add_argument("--working-set", type=float, default=0.06)
     ap.add_argument("--shapes", default="tree,files", help="working sets to run (tree, files)")
     args = ap.parse_args()
-    from imgaccel.cli.common import parse_size
+    from imgaccel.formats.sizes import parse_size
 
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     work = Path(tempfile.mkdtemp(prefix="imgaccel-startup-"))

@@ -1,5 +1,7 @@
 """A real HTTP proxy on 127.0.0.1 in front of the real registry that injects faults the
-registry itself cannot produce: 429 with Retry-After, 503, and connections dropped mid-blob."""
+registry itself cannot produce: 429 with Retry-After, 503, and connections dropped mid-blob.
+It also counts the body bytes it forwarded per path (the "registry egress") and can hold the
+link to ``rate`` bytes per second."""
 
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ class FaultProxy:
     faults: Counter[str] = field(default_factory=Counter)
     seen: Counter[tuple[str, str]] = field(default_factory=Counter)
     sent: Counter[str] = field(default_factory=Counter)  # body bytes written, by fault
+    body_bytes: Counter[str] = field(default_factory=Counter)  # body bytes forwarded, by request path
+    rate: int | None = None  # bytes per second of every body (None: as fast as it goes)
     _server: ThreadedApp = field(init=False)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
@@ -81,6 +85,9 @@ class FaultProxy:
                 except ConnectionError:
                     return resp  # the client hung up
                 sent += len(block)
+                self.body_bytes[request.path] += len(block)
+                if self.rate is not None:
+                    await asyncio.sleep(len(block) / self.rate)
                 if fault is not None:
                     self.sent[fault] += len(block)
                 if fault == "nomultirange":

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
 import threading
+import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -21,11 +23,12 @@ from aiohttp import web
 
 from imgaccel.cachenode.config import CacheNodeConfig as ServerConfig
 from imgaccel.cachenode.server import CacheNode as CacheNodeServer
+from imgaccel.formats.rendezvous import rendezvous_key
 from imgaccel.pusher.client import RegistryClient
 from imgaccel.pusher.reference import parse_reference
 from imgaccel.reader.accelerated_image import AcceleratedImage, open_image
 from imgaccel.reader.layer_reader import LayerReader
-from imgaccel.snapshotter.cache_nodes import CacheNodes, MirroredFetcher, rendezvous_key
+from imgaccel.snapshotter.cache_nodes import CacheNodes, MirroredFetcher
 from imgaccel.snapshotter.config import CacheNodeConfig, ConfigError, NodeConfig, load_node_config
 from imgaccel.snapshotter.erofs_layers import ErofsLayers
 from imgaccel.snapshotter.lazy_layers import LayerTarget
@@ -271,6 +274,53 @@ def test_failover_to_the_other_node_then_the_registry_and_the_down_period(
         await nodes.close()
 
     asyncio.run(run())
+
+
+# -- hot chunks kept by the cache nodes ---------------------------------------------------------
+
+
+def metric(server: NodeServer, name: str) -> float:
+    with urllib.request.urlopen(f"http://{server.address}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    return float(found[1]) if found else 0.0
+
+
+@pytest.mark.parametrize("mode", ["full", "index"])
+def test_a_second_node_reads_what_the_first_fetched_from_the_cache_nodes_alone(
+    cluster: Cluster, converted: dict[str, str], mode: str
+) -> None:
+    """The first node daemon fetches whole chunks (as its background fetch or a profile replay
+    does) through the cache nodes, which verify and keep each one, and its TOCs or indexes,
+    never a whole layer; a second node daemon with empty caches of its own then reads every
+    byte of the image from the cache nodes alone: the registry serves nothing twice."""
+    ref = parse_reference(through(cluster, converted[mode]))
+
+    async def node_daemon(prefetch: bool) -> AcceleratedImage:
+        nodes = cluster.nodes()
+        async with RegistryClient(cluster.registry) as client:
+            image = await open_image(client, ref, fetcher=nodes.fetcher(client))
+            for reader in image.layers:
+                if prefetch:
+                    assert await reader.prefetch(range(len(reader.index.chunks))) == []
+                assert await read_whole(reader) == reader.index.diff_id
+        await nodes.close()
+        return image
+
+    first = asyncio.run(node_daemon(prefetch=True))
+    stored = sum(metric(s, 'imgaccel_cachenode_chunks_total{result="stored"}') for s in cluster.servers)
+    assert stored >= sum(len(r.index.chunks) for r in first.layers) + len(first.layers)  # + TOCs or indexes
+    for server in cluster.servers:
+        for reader in first.layers:
+            assert not (server.config.data_dir / "blobs" / "sha256" / reader.blob_digest.split(":")[1]).exists()
+    asked = [len(p.requests) for p in cluster.proxies]
+
+    second = asyncio.run(node_daemon(prefetch=False))
+    assert sum(r.stats.bytes_fetched for r in second.layers) > 0  # read, from the cache nodes
+    assert [len(p.requests) for p in cluster.proxies] == asked  # which asked the registry nothing
+    assert cluster.node_range_gets() == 0  # nor did the node daemons
+    served = sum(metric(s, 'imgaccel_cachenode_served_bytes_total{source="chunks"}') for s in cluster.servers)
+    assert served >= sum(r.stats.bytes_fetched for r in second.layers)
 
 
 # -- a cache node serving wrong bytes ---------------------------------------------------------

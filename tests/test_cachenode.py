@@ -1,6 +1,7 @@
 """The cache node against the real registry (Debian docker-registry) as its upstream: bytes equal
 the registry's, second reads come from the store, ranges, pull-through while slow, singleflight,
-corrupt upstream blobs, eviction, access control, the lazy reader through it, and the CLI."""
+corrupt upstream blobs, eviction, access control, chunk-aware requests (Imgaccel-Chunks), the lazy
+reader through it, and the CLI."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from aiohttp import web
 from imgaccel.cachenode.config import CacheNodeConfig
 from imgaccel.cachenode.server import CacheNode
 from imgaccel.formats import oci
+from imgaccel.formats.cache_chunks import CHUNKS_HEADER, MAX_CHUNKS, format_chunks
 from imgaccel.pusher.auth import Credentials
 from imgaccel.pusher.client import RegistryClient
 from imgaccel.pusher.errors import AuthError
@@ -170,10 +172,12 @@ class Seen:
 @dataclass
 class SlowProxy:
     """A small HTTP proxy in front of the registry that records every request and sends the
-    body of whole-blob GETs (no Range header) at ``rate`` bytes per second."""
+    body of whole-blob GETs (no Range header; Range GETs too with ``slow_ranges``) at ``rate``
+    bytes per second."""
 
     upstream: str
     rate: int
+    slow_ranges: bool = False
     requests: list[Seen] = field(default_factory=list)
     host: str = ""
 
@@ -181,7 +185,7 @@ class SlowProxy:
         rng = request.headers.get("Range")
         seen = Seen(request.method, request.path, rng, time.monotonic())
         self.requests.append(seen)
-        slow = request.method == "GET" and "/blobs/" in request.path and rng is None
+        slow = request.method == "GET" and "/blobs/" in request.path and (rng is None or self.slow_ranges)
         keep = ("Authorization", "Range", "Accept")
         headers = {k: request.headers[k] for k in keep if k in request.headers}
         async with (
@@ -220,8 +224,8 @@ class SlowProxy:
 
 
 @contextmanager
-def slow_proxy(registry: Registry, rate: int) -> Iterator[SlowProxy]:
-    proxy = SlowProxy(registry.host, rate)
+def slow_proxy(registry: Registry, rate: int, slow_ranges: bool = False) -> Iterator[SlowProxy]:
+    proxy = SlowProxy(registry.host, rate, slow_ranges)
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", proxy._handle)
     server = ThreadedApp(app)
@@ -614,6 +618,227 @@ def test_anonymous_reads_of_a_public_upstream(registry: Registry, tmp_path: Path
         assert http(node.url(path), {"Authorization": "Bearer wrong-token-0123456789"}).status == 401
 
 
+# -- chunk-aware requests (Imgaccel-Chunks) ------------------------------------------------------
+
+
+FAST = 1 << 40  # SlowProxy rate: no slowing down, only counting
+
+
+def listing(blob: bytes, spans: list[tuple[int, int]]) -> list[tuple[int, int, str]]:
+    """``(offset, length, sha256)`` of ``blob[start:end]`` for each span: chunks as an index lists them."""
+    return [(s, e - s, sha256(blob[s:e])) for s, e in spans]
+
+
+def chunk_request(spans: list[tuple[int, int]], chunks: list[tuple[int, int, str]]) -> dict[str, str]:
+    return {"Range": "bytes=" + ",".join(f"{s}-{e - 1}" for s, e in spans), CHUNKS_HEADER: format_chunks(chunks)}
+
+
+def fetch(node: Node, repo: str, digest: str, spans: list[tuple[int, int]], headers: dict[str, str]) -> list[bytes]:
+    """``spans`` of the blob through the project's client (cluster token), with ``headers``."""
+
+    async def go() -> list[bytes]:
+        async with RegistryClient(node.host, credentials=Credentials("node", TOKEN)) as client:
+            return await client.fetch_ranges(repo, digest, spans, headers=headers)
+
+    return asyncio.run(go())
+
+
+def stored_chunks(node: Node, digest: str) -> set[str]:
+    d = node.data / "chunks" / "sha256" / digest.split(":", 1)[1]
+    return {p.name for p in d.iterdir()} if d.exists() else set()
+
+
+def blob_requests(proxy: SlowProxy, digest: str, since: int = 0) -> list[Seen]:
+    return [s for s in proxy.requests[since:] if s.path.endswith(f"/blobs/{digest}")]
+
+
+def test_listed_chunks_are_kept_and_served_again_without_upstream(registry: Registry, tmp_path: Path) -> None:
+    repo = "cachenode/chunks"
+    (blob,) = random_blobs(registry, repo, [3 << 20])
+    digest = sha256(blob)
+    # Like index-mode gzip chunks, neighbours share one byte; a second range holds one more chunk.
+    chunks = listing(blob, [(1000, 201_000), (200_999, 500_999), (500_998, 600_999), (2_000_000, 2_050_000)])
+    spans = [(1000, 600_999), (2_000_000, 2_050_000)]
+    expect = [blob[s:e] for s, e in spans]
+    with (
+        slow_proxy(registry, FAST) as proxy,
+        cache_node(tmp_path / "data", [{"host": proxy.host}]) as node,
+    ):
+        assert fetch(node, repo, digest, spans, {CHUNKS_HEADER: format_chunks(chunks)}) == expect
+        node.wait_idle()
+        m = node.metrics()
+        assert m['imgaccel_cachenode_chunks_total{result="stored"}'] == 4
+        assert m["imgaccel_cachenode_store_chunks"] == 4
+        assert stored_chunks(node, digest) == {f"{o}-{n}-{d.split(':')[1]}" for o, n, d in chunks}
+        assert not node.stored("blobs", digest).exists()  # no whole-blob fill, now or later
+        assert proxy.full_gets(digest) == 0 and not any(k.startswith("imgaccel_cachenode_fills_total") for k in m)
+        upstream = m["imgaccel_cachenode_upstream_bytes_total"]
+        assert upstream == sum(n for _, n, _ in chunks) - 2  # each shared byte fetched once
+
+        seen = len(proxy.requests)
+        assert fetch(node, repo, digest, spans, {CHUNKS_HEADER: format_chunks(chunks)}) == expect
+        # Bytes inside stored chunks come from them, whatever the request lists (here a chunk
+        # elsewhere): the same ranges again, and a range across two chunks.
+        elsewhere = {CHUNKS_HEADER: format_chunks(chunks[3:])}
+        assert fetch(node, repo, digest, [(150_000, 250_000)], elsewhere) == [blob[150_000:250_000]]
+        # An empty list: a prefix read of a chunk, which a node lists nowhere.
+        assert fetch(node, repo, digest, [(200_999, 300_000)], {CHUNKS_HEADER: ""}) == [blob[200_999:300_000]]
+        assert blob_requests(proxy, digest, seen) == []  # not even a HEAD
+        m = node.metrics()
+        assert m["imgaccel_cachenode_upstream_bytes_total"] == upstream
+        served = sum(map(len, expect)) + 100_000 + 99_001
+        assert m['imgaccel_cachenode_served_bytes_total{source="chunks"}'] == served
+        # Bytes no stored chunk covers come from upstream, still without a whole-blob fill.
+        assert fetch(node, repo, digest, [(2_500_000, 2_600_000)], {CHUNKS_HEADER: ""}) == [blob[2_500_000:2_600_000]]
+        node.wait_idle()
+        assert node.metrics()["imgaccel_cachenode_upstream_bytes_total"] == upstream + 100_000
+        assert not node.stored("blobs", digest).exists() and proxy.full_gets(digest) == 0
+
+        # Without the header a Range request behaves as before: from upstream, whole blob filled.
+        assert fetch(node, repo, digest, [(0, 100)], {}) == [blob[:100]]
+        node.wait_idle()
+        assert node.stored("blobs", digest).read_bytes() == blob
+        assert stored_chunks(node, digest) == set()  # the blob serves every range: chunks dropped
+        assert node.metrics()["imgaccel_cachenode_store_chunks"] == 0
+
+
+def test_concurrent_requests_for_one_chunk_fetch_it_upstream_once(registry: Registry, tmp_path: Path) -> None:
+    repo = "cachenode/chunkonce"
+    (blob,) = random_blobs(registry, repo, [2 << 20])
+    digest = sha256(blob)
+    chunks = listing(blob, [(0, 1 << 20), (1 << 20, 2 << 20)])
+    with (
+        slow_proxy(registry, 2 << 20, slow_ranges=True) as proxy,  # the chunk takes ~0.5 s upstream
+        cache_node(tmp_path / "data", [{"host": proxy.host}]) as node,
+    ):
+        url = node.url(f"/v2/{repo}/blobs/{digest}")
+        http(url, BEARER, method="HEAD")  # the size is known: the requests below plan at once
+
+        async def get_all(n: int) -> list[bytes]:
+            async with aiohttp.ClientSession() as session:
+
+                async def one() -> bytes:
+                    headers = {**BEARER, **chunk_request([(0, 1 << 20)], chunks[:1])}
+                    async with session.get(url, headers=headers) as r:
+                        assert r.status == 206
+                        return await r.read()
+
+                return await asyncio.gather(*(one() for _ in range(n)))
+
+        assert asyncio.run(get_all(8)) == [blob[: 1 << 20]] * 8
+        assert len(blob_requests(proxy, digest)) == 2  # the HEAD, and one Range GET
+        m = node.metrics()
+        assert m["imgaccel_cachenode_upstream_bytes_total"] == 1 << 20
+        assert m['imgaccel_cachenode_chunks_total{result="stored"}'] == 1
+        assert m['imgaccel_cachenode_lookups_total{kind="chunk",result="joined"}'] == 7  # then read it stored
+        assert m['imgaccel_cachenode_served_bytes_total{source="chunks"}'] == 7 << 20
+
+
+def test_chunks_survive_a_restart_and_share_the_size_bound_with_blobs(registry: Registry, tmp_path: Path) -> None:
+    repo = "cachenode/chunkstore"
+    chunked, whole = random_blobs(registry, repo, [600_000, 700_000])
+    digest = sha256(chunked)
+    chunks = listing(chunked, [(0, 300_000), (300_000, 600_000)])
+    ask = {CHUNKS_HEADER: format_chunks(chunks)}
+    with slow_proxy(registry, FAST) as proxy:
+        with cache_node(tmp_path / "data", [{"host": proxy.host}], max_size="1MiB") as node:
+            assert fetch(node, repo, digest, [(0, 600_000)], ask) == [chunked]
+        (tmp_path / "data" / "tmp" / "chunks-left-over.123").write_bytes(b"a fill cut short")
+        with cache_node(tmp_path / "data", [{"host": proxy.host}], max_size="1MiB") as node:
+            assert list((node.data / "tmp").iterdir()) == []
+            m = node.metrics()
+            assert m["imgaccel_cachenode_store_chunks"] == 2 and m["imgaccel_cachenode_store_bytes"] == 600_000
+            seen = len(proxy.requests)
+            assert fetch(node, repo, digest, [(0, 600_000)], ask) == [chunked]
+            assert [s.method for s in blob_requests(proxy, digest, seen)] == ["HEAD"]  # its size, after the restart
+            # A blob stored whole makes room by evicting the least recently used entries: here a chunk.
+            assert http(node.url(f"/v2/{repo}/blobs/{sha256(whole)}"), BEARER).body == whole
+            node.wait_idle()
+            m = node.metrics()
+            assert m["imgaccel_cachenode_evictions_total"] == 1 and m["imgaccel_cachenode_store_chunks"] == 1
+            assert m["imgaccel_cachenode_store_bytes"] == 1_000_000 == node.disk_bytes()
+            assert stored_chunks(node, digest) == {f"300000-300000-{chunks[1][2].split(':')[1]}"}
+            a = http(node.url(f"/v2/{repo}/blobs/{digest}"), {**BEARER, **chunk_request([(0, 600_000)], chunks)})
+            assert a.status == 206 and a.body == chunked  # the evicted one again from upstream
+
+
+def test_a_listed_chunk_that_does_not_match_is_not_kept(registry: Registry, tmp_path: Path) -> None:
+    repo = "cachenode/chunkbad"
+    (blob,) = random_blobs(registry, repo, [1 << 20])
+    digest = sha256(blob)
+    good = listing(blob, [(0, 100_000)])[0]
+    wrong = (100_000, 100_000, sha256(b"not these bytes"))
+    with (
+        slow_proxy(registry, FAST) as proxy,
+        cache_node(tmp_path / "data", [{"host": proxy.host}]) as node,
+    ):
+        url = node.url(f"/v2/{repo}/blobs/{digest}")
+        for _ in range(2):  # the wrong one is fetched again the second time: it was not kept
+            a = http(url, {**BEARER, **chunk_request([(0, 200_000)], [good, wrong])})
+            assert a.status == 206 and a.body == blob[:200_000]  # the client verifies its own chunks
+        assert stored_chunks(node, digest) == {f"0-100000-{good[2].split(':')[1]}"}
+        m = node.metrics()
+        assert m['imgaccel_cachenode_chunks_total{result="stored"}'] == 1
+        assert m['imgaccel_cachenode_chunks_total{result="mismatch"}'] == 2
+        assert m["imgaccel_cachenode_upstream_bytes_total"] == 200_000 + 100_000
+        assert [s.range for s in blob_requests(proxy, digest) if s.method == "GET"] == [
+            "bytes=0-199999", "bytes=100000-199999"
+        ]  # fmt: skip
+        assert list((node.data / "tmp").iterdir()) == []
+
+        d = good[2]
+        for value, why in [
+            ("0+10=sha256:abc", "is not <offset>+<length>=sha256:<hex>"),
+            (f"0+100={d}, 50+100={d}", "out of order or overlaps"),
+            (f"50+10={d},0+10={d}", "out of order or overlaps"),
+            (f"0+{(1 << 20) + 1}={d}", "past the blob's"),
+            (",".join(f"{i}+1={d}" for i in range(513)), "at most 512"),
+        ]:
+            a = http(url, {**BEARER, "Range": "bytes=0-99", CHUNKS_HEADER: value})
+            assert a.status == 400, (value[:40], a.status)
+            error = json.loads(a.body)["errors"][0]
+            assert error["code"] == "RANGE_INVALID" and why in error["message"] and "\n" not in error["message"]
+
+
+def test_a_header_of_the_most_chunks_allowed_is_accepted(registry: Registry, tmp_path: Path) -> None:
+    repo = "cachenode/chunkmany"
+    (blob,) = random_blobs(registry, repo, [600_000])
+    digest = sha256(blob)
+    chunks = listing(blob, [(1000 * i, 1000 * (i + 1)) for i in range(MAX_CHUNKS)])
+    headers = chunk_request([(0, 1000 * MAX_CHUNKS)], chunks)
+    assert len(headers[CHUNKS_HEADER]) > 40_000  # far over aiohttp's default 8190-byte field limit
+    with cache_node(tmp_path / "data", [{"host": registry.host}]) as node:
+        a = http(node.url(f"/v2/{repo}/blobs/{digest}"), {**BEARER, **headers})
+        assert a.status == 206 and a.body == blob[: 1000 * MAX_CHUNKS]
+        assert len(stored_chunks(node, digest)) == MAX_CHUNKS
+
+
+def test_stored_chunks_are_read_only_by_who_may_pull(auth_registry: Registry, tmp_path: Path) -> None:
+    blob = os.urandom(300_000)
+    push_private(auth_registry, "private/chunky", blob)
+    push_private(auth_registry, "private/elsewhere", os.urandom(1000))
+    digest = sha256(blob)
+    ask = chunk_request([(0, 200_000)], listing(blob, [(0, 100_000), (100_000, 200_000)]))
+    upstream = {"host": auth_registry.host, "username": "alice", "password": {"value": "s3cret"}}
+    with cache_node(tmp_path / "data", [upstream]) as node:
+        path = f"/v2/private/chunky/blobs/{digest}"
+        a = http(node.url(path), {**BEARER, **ask})
+        assert a.status == 206 and a.body == blob[:200_000]
+        assert len(stored_chunks(node, digest)) == 2
+        for headers in [{}, {"Authorization": "Bearer not-the-token-0123456789"}, basic("alice", "wrong")]:
+            a = http(node.url(path), {**headers, **ask})
+            assert a.status in (401, 403), (headers, a.status)
+            assert blob[:1000] not in a.body
+        # Pull access to another repository does not read the chunks through it.
+        a = http(node.url(f"/v2/private/elsewhere/blobs/{digest}"), {**basic("alice", "s3cret"), **ask})
+        assert a.status == 404 and blob[:1000] not in a.body
+        before = settled_log(auth_registry)
+        a = http(node.url(path), {**basic("alice", "s3cret"), **ask})
+        assert a.status == 206 and a.body == blob[:200_000]
+        gets = [x for x in settled_log(auth_registry)[len(before) :] if x == ("GET", path)]
+        assert gets == []  # alice's access was checked upstream (a HEAD); the bytes came from the chunks
+
+
 # -- the lazy reader through the cache node ----------------------------------------------------
 
 
@@ -711,3 +936,15 @@ def test_cli_serves_until_terminated(registry: Registry, tmp_path: Path) -> None
         _, stderr = proc.communicate(timeout=20)
     assert proc.returncode == 0, stderr
     assert f"cache node listening on http://127.0.0.1:{port}" in stderr
+
+
+def test_the_deployment_example_is_a_valid_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    import yaml
+
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "cachenode.yaml").read_text()))
+    assert [d["kind"] for d in docs] == ["ConfigMap", "Deployment", "Service"]
+    monkeypatch.setenv("CACHENODE_TOKEN", TOKEN)
+    monkeypatch.setenv("REGISTRY_PASSWORD", "s3cret")
+    config = CacheNodeConfig.model_validate(yaml.safe_load(docs[0]["data"]["cachenode.yaml"]))
+    assert config.max_size == 200 << 30 and config.host_port == ("0.0.0.0", 5100)
+    assert docs[1]["spec"]["template"]["spec"]["containers"][0]["command"][:2] == ["imgaccel", "cachenode"]

@@ -30,7 +30,13 @@ class Ranges:
         self.served = 0  # byte ranges
 
     async def fetch_ranges(
-        self, repo: str, digest: str, ranges: Sequence[tuple[int, int]], *, fresh: bool = False
+        self,
+        repo: str,
+        digest: str,
+        ranges: Sequence[tuple[int, int]],
+        *,
+        fresh: bool = False,
+        chunks: Sequence[tuple[int, int, str]] | None = None,
     ) -> list[bytes]:
         self.calls += 1
         return [self.serve(start, end) for start, end in ranges]
@@ -149,7 +155,13 @@ class SlowRanges(Ranges):
         self.log: list[int] = []
 
     async def fetch_ranges(
-        self, repo: str, digest: str, ranges: Sequence[tuple[int, int]], *, fresh: bool = False
+        self,
+        repo: str,
+        digest: str,
+        ranges: Sequence[tuple[int, int]],
+        *,
+        fresh: bool = False,
+        chunks: Sequence[tuple[int, int, str]] | None = None,
     ) -> list[bytes]:
         self.log += [start for start, _ in ranges]
         await asyncio.sleep(self.delay)

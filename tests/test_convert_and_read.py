@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import subprocess
@@ -10,6 +11,10 @@ from pathlib import Path
 import pytest
 
 from fixtures.build_images import BIG_FILE_SIZE
+from imgaccel.formats.layer_index import LayerIndex
+from imgaccel.pusher.client import RegistryClient
+from imgaccel.pusher.reference import parse_reference
+from imgaccel.reader.accelerated_image import open_image
 from tests.helpers import get_bytes, get_json, run_cli, sha256
 from tests.registry import Registry
 
@@ -50,6 +55,24 @@ def test_full_mode_layers_decompress_to_diff_ids(registry: Registry, converted: 
         blob = get_bytes(f"{repo_url}/blobs/{layer['digest']}")
         tar = subprocess.run(["zstd", "-dc"], input=blob, capture_output=True, check=True).stdout
         assert sha256(tar) == diff_id
+
+
+@pytest.mark.parametrize(("mode", "encodings"), [("index", {"gzip", "tar", "zstd"}), ("full", {"zstd"})])
+def test_every_chunk_carries_the_digest_of_its_compressed_bytes(
+    registry: Registry, converted: dict[str, str], mode: str, encodings: set[str]
+) -> None:
+    async def layers() -> list[tuple[str, LayerIndex]]:
+        async with RegistryClient(registry.host) as client:
+            image = await open_image(client, parse_reference(converted[mode]))
+            return [(reader.blob_digest, reader.index) for reader in image.layers]
+
+    found = asyncio.run(layers())
+    assert {index.encoding for _, index in found} == encodings
+    for digest, index in found:
+        blob = get_bytes(f"http://{registry.host}/v2/fixtures/app/blobs/{digest}")
+        assert index.chunks
+        for c in index.chunks:
+            assert c.c_digest == sha256(blob[c.c_offset : c.c_offset + c.c_size]), (digest, c)
 
 
 def test_index_mode_leaves_source_untouched(

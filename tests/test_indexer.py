@@ -38,7 +38,13 @@ class FileRanges:
         self.data = path.read_bytes()
 
     async def fetch_ranges(
-        self, repo: str, digest: str, ranges: Sequence[tuple[int, int]], *, fresh: bool = False
+        self,
+        repo: str,
+        digest: str,
+        ranges: Sequence[tuple[int, int]],
+        *,
+        fresh: bool = False,
+        chunks: Sequence[tuple[int, int, str]] | None = None,
     ) -> list[bytes]:
         return [self.data[start:end] for start, end in ranges]
 
@@ -85,12 +91,14 @@ def test_every_chunk_and_prefix_verifies(tmp_path: Path, layer_tar: bytes, kind:
     assert len(index.chunks) > 3
     for c in index.chunks:
         piece = data[c.c_offset : c.c_offset + c.c_size]
+        assert c.c_digest == sha256(piece)  # the compressed range exactly as fetched (gzip: shared byte too)
         window = built.windows[c.window] if c.window >= 0 else b""
         assert decode_chunk(index.encoding, piece, c, window) == layer_tar[c.u_offset : c.u_offset + c.u_size]
         prefix = decode_chunk(index.encoding, piece, c, window, upto=1000)
         assert prefix == layer_tar[c.u_offset : c.u_offset + len(prefix)] and len(prefix) >= 1000
     # Round trip through the blob encoding, then random reads through the lazy reader.
     decoded, windows = li.decode_index_blob(li.encode_index_blob(index, built.windows))
+    assert [c.c_digest for c in decoded.chunks] == [c.c_digest for c in index.chunks]
     reader = LayerReader(FileRanges(path), "repo", sha256(data), decoded, windows)
     rng = random.Random(1)
     for _ in range(40):
@@ -143,6 +151,7 @@ def test_full_mode_round_trip(tmp_path: Path, layer_tar: bytes, compression: str
     for c in enc.index.chunks:
         assert c.u_offset in cuts or c.u_offset == 0, c.u_offset
         assert c.u_size <= SPAN + 8192
+        assert c.c_digest == sha256(data[c.c_offset : c.c_offset + c.c_size])  # the frame's own digest
     # The TOC frame sits where the annotations say, and decodes to the same index.
     toc_bytes = data[enc.toc_offset : enc.toc_offset + enc.toc_size]
     assert sha256(toc_bytes) == enc.toc_digest
@@ -182,6 +191,20 @@ def test_hostile_tars_fail_with_a_cause(tmp_path: Path) -> None:
         encode_full_layer(str(blob(tmp_path, "bad2.gz", bad)), "gzip", str(tmp_path / "o2"))
 
 
+def test_an_index_without_compressed_digests_still_reads(layer_tar: bytes, tmp_path: Path) -> None:
+    """Indexes written before ``c_digest`` existed decode as before; a malformed one is refused."""
+    built = build_seekable_index(str(blob(tmp_path, "t", layer_tar)), "tar", "sha256:" + "0" * 64)
+    for c in built.index.chunks:
+        c.c_digest = None
+    data = li.encode_index_blob(built.index, built.windows)
+    assert b"c_digest" not in zstandard.ZstdDecompressor().decompressobj().decompress(data[32:])
+    decoded, _ = li.decode_index_blob(data)
+    assert decoded == built.index and all(c.c_digest is None for c in decoded.chunks)
+    built.index.chunks[0].c_digest = "sha256:abc"
+    with pytest.raises(li.IndexFormatError, match="c_digest"):
+        li.decode_index_blob(li.encode_index_blob(built.index, built.windows))
+
+
 def test_index_blob_rejects_damage(layer_tar: bytes, tmp_path: Path) -> None:
     built = build_seekable_index(str(blob(tmp_path, "t", layer_tar)), "tar", "sha256:" + "0" * 64)
     good = li.encode_index_blob(built.index, built.windows)
@@ -191,3 +214,20 @@ def test_index_blob_rejects_damage(layer_tar: bytes, tmp_path: Path) -> None:
         li.decode_index_blob(good[:-3])
     with pytest.raises(li.IndexFormatError, match="version"):
         li.decode_index_blob(good[:8] + struct.pack("<I", 99) + good[12:])
+
+
+def test_a_plain_tar_is_cut_into_spans_as_it_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain tar larger than the bytes held back for hashing (512 MiB, lowered here) indexes:
+    its fixed spans are cut as the bytes arrive, not all at the end."""
+    from imgaccel.indexer import seekable_index
+
+    monkeypatch.setattr(seekable_index, "MAX_PENDING", 16 << 20)  # spans are cut every 8 MiB read
+    data = tar_bytes([Member(f"f{i}", real_bytes(5 << 20, seed=str(i))) for i in range(5)])
+    (tmp_path / "layer.tar").write_bytes(data)
+    built = build_seekable_index(str(tmp_path / "layer.tar"), "tar", sha256(data), span=1 << 20)
+    chunks = built.index.chunks
+    assert [c.c_size for c in chunks[:-1]] == [1 << 20] * (len(chunks) - 1)
+    assert sum(c.c_size for c in chunks) == len(data)
+    for c in chunks:
+        piece = data[c.c_offset : c.c_offset + c.c_size]
+        assert decode_chunk("tar", piece, c) == piece

@@ -155,3 +155,22 @@ def test_an_image_is_closed_when_none_of_its_layers_is_in_use(converted: dict[st
             assert len(lazy.opened()) == 1
 
     asyncio.run(go())
+
+
+def test_readahead_of_a_layer_tar_stops_at_the_end_of_the_file_being_read() -> None:
+    """The kernel reads a file as reads of the layer tar: readahead must not run on into the
+    next files of the tar (a node would fetch chunks no profile names)."""
+    from types import SimpleNamespace
+
+    from imgaccel.formats.layer_index import Entry
+    from imgaccel.snapshotter.lazy_layers import LayerTar
+
+    entries = [Entry("a", "reg", size=1000, offset=512), Entry("d", "dir"), Entry("b", "reg", size=10, offset=2048),
+               Entry("empty", "reg", size=0, offset=2560)]  # fmt: skip
+    tar = LayerTar(SimpleNamespace(index=SimpleNamespace(entries=entries)), "r.example")  # type: ignore[arg-type]
+    assert tar.data_end(512, 4096) == 1512  # the start of a
+    assert tar.data_end(1000, 100) == 1512  # the middle of a
+    assert tar.data_end(1512, 100) == 1612  # padding after a: no readahead
+    assert tar.data_end(0, 512) == 512  # a header
+    assert tar.data_end(2050, 4096) == 2058  # b
+    assert tar.data_end(9000, 10) == 9010  # past every file

@@ -81,7 +81,13 @@ class BlobRanges:
         self.data = data
 
     async def fetch_ranges(
-        self, repo: str, digest: str, ranges: Sequence[tuple[int, int]], *, fresh: bool = False
+        self,
+        repo: str,
+        digest: str,
+        ranges: Sequence[tuple[int, int]],
+        *,
+        fresh: bool = False,
+        chunks: Sequence[tuple[int, int, str]] | None = None,
     ) -> list[bytes]:
         for start, end in ranges:
             assert 0 <= start <= end <= len(self.data), f"read {start}-{end} outside a {len(self.data)}-byte blob"

@@ -20,37 +20,21 @@ remembers credential checks for 60 s and fills at most 4 blobs in the background
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Annotated
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from imgaccel.formats.sizes import Size
 from imgaccel.pusher.auth import Credentials, docker_config_path, load_docker_credentials
 from imgaccel.pusher.reference import check_registry_host, is_loopback
 from imgaccel.pusher.secret import Secret
 
 CONFIG_NAME = "cachenode.yaml"
-_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(?:i?b)?\s*", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 class ConfigError(ValueError):
     """The config file is unreadable or invalid; the message (one line) names the file and field."""
-
-
-def _size(value: object) -> object:
-    """``100GiB``, ``512MiB``, ``4k`` or a number of bytes (binary units)."""
-    if isinstance(value, str):
-        m = _SIZE.fullmatch(value)
-        if not m:
-            raise ValueError(f"{value!r} is not a size (e.g. 100GiB, 512MiB, or a number of bytes)")
-        return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    return value
-
-
-Size = Annotated[int, BeforeValidator(_size)]
 
 
 class _Strict(BaseModel):

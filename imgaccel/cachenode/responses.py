@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
@@ -78,7 +78,7 @@ async def send_whole(
     return resp, True
 
 
-async def file_pieces(fd: int, spans: list[tuple[int, int]]) -> AsyncIterator[bytes]:
+async def file_pieces(fd: int, spans: list[tuple[int, int]]) -> AsyncGenerator[bytes, None]:
     """The bytes of ``spans`` of a stored file, in blocks."""
     for start, end in spans:
         for pos in range(start, end, BLOCK):

@@ -2,7 +2,8 @@
 ``/healthz`` and ``/metrics``.
 
 ``GET``/``HEAD`` of ``/v2/``, ``/v2/<name>/manifests/<tag or digest>``,
-``/v2/<name>/blobs/<digest>`` (with ``Range``) and ``/v2/<name>/referrers/<digest>``. The
+``/v2/<name>/blobs/<digest>`` (with ``Range``, and ``Imgaccel-Chunks``: see ``chunk_reads``)
+and ``/v2/<name>/referrers/<digest>``. The
 upstream is the one ``?ns=<registry host>`` names (containerd's mirror convention), or the only
 one configured. Every name, tag and digest passes the strict checks of
 ``imgaccel.pusher.reference`` before it is used; every read passes ``Access`` first; errors are
@@ -12,6 +13,7 @@ answered as distribution does (``{"errors": [{"code", "message"}]}``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -24,6 +26,7 @@ import aiohttp
 from aiohttp import web
 
 from imgaccel.cachenode.access import REALM, Access, Denied, Grant
+from imgaccel.cachenode.chunk_reads import ChunkReads
 from imgaccel.cachenode.config import CacheNodeConfig
 from imgaccel.cachenode.fills import Fill, Fills
 from imgaccel.cachenode.metrics import Metrics
@@ -32,6 +35,7 @@ from imgaccel.cachenode.ranges import Unsatisfiable, parse_range
 from imgaccel.cachenode.responses import abort, file_pieces, send_spans, send_whole
 from imgaccel.cachenode.store import Store, StoreError, VerifyError
 from imgaccel.cachenode.upstream import UnknownUpstream, Upstream, Upstreams
+from imgaccel.formats.cache_chunks import CHUNKS_HEADER, MAX_HEADER_BYTES, CacheChunk, parse_chunks
 from imgaccel.pusher.errors import NotFoundError, RegistryError
 from imgaccel.pusher.reference import ReferenceError, check_digest, check_reference, check_repository
 
@@ -40,6 +44,9 @@ log = logging.getLogger(__name__)
 _ROUTE = re.compile(r"(?P<name>.+)/(?P<kind>manifests|blobs|referrers)/(?P<ref>[^/]+)")
 API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# Request header fields may be this long (name and value): an Imgaccel-Chunks header listing
+# MAX_CHUNKS entries must fit (aiohttp's default is 8190 bytes).
+MAX_FIELD_SIZE = len(CHUNKS_HEADER) + 2 + MAX_HEADER_BYTES
 _STARTED = web.RequestKey("started", web.StreamResponse)  # the response whose status line is out
 
 
@@ -56,15 +63,18 @@ class HttpError(Exception):
 class CacheNode:
     def __init__(self, config: CacheNodeConfig) -> None:
         self.config = config
-        self.metrics = Metrics(lambda: (self.store.total, len(self.store), self.store.max_size))
+        self.metrics = Metrics(
+            lambda: (self.store.total, len(self.store), self.store.chunk_count(), self.store.max_size)
+        )
         self.store = Store(config.data_dir, config.max_size, on_evict=self.metrics.evicted)
         self.upstreams = Upstreams(config, on_bytes=self.metrics.upstream_bytes.inc)
         self.access = Access([t.get() for t in config.cluster_tokens], config.auth_ttl, self.metrics)
         self.fills = Fills(self.store, self.metrics, config.fill_concurrency)
         self.pull = PullThrough(self.store, self.metrics, config.manifest_ttl)
+        self.chunk_reads = ChunkReads(self.store, self.metrics)
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._errors])
+        app = web.Application(middlewares=[self._errors], handler_args={"max_field_size": MAX_FIELD_SIZE})
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_route("*", "/v2", self._dispatch)
@@ -167,10 +177,18 @@ class CacheNode:
         if request.method == "HEAD":
             return web.Response(headers={**headers, "Content-Length": str(size)})
         spans = self._spans(request, size)
+        listed = self._listed(request, size)
         served = self.metrics.served.labels("upstream").inc
+        if spans is not None and listed is not None:  # chunk-aware: never a whole-blob fill
+            return await self._chunked(request, headers, upstream, repo, digest, size, spans, listed)
         if spans is None:
             fill = self.fills.get(upstream, repo, digest, size, urgent=True)
             assert fill is not None
+            # The first bytes (or the fill's failure) before the status line goes out: an upstream
+            # refusal, a 429 above all, is then answered as such rather than as a cut 200.
+            await fill.wait(0)
+            if fill.error is not None and fill.written == 0 and isinstance(fill.error, Exception):
+                raise fill.error
             fd = fill.reader()
             try:
                 resp, _ = await send_whole(request, headers, fd, size, digest, _follow(fill), served)
@@ -186,6 +204,7 @@ class CacheNode:
             if request.method == "HEAD":
                 return web.Response(headers={**headers, "Content-Length": str(size)})
             spans = self._spans(request, size)
+            self._listed(request, size)  # checked, not needed: the whole blob serves every range
             served = self.metrics.served.labels("cache").inc
             if spans is not None:
                 return await send_spans(request, headers, spans, size, file_pieces(fd, spans), served)
@@ -196,6 +215,27 @@ class CacheNode:
             return resp
         finally:
             os.close(fd)
+
+    async def _chunked(self, request: web.Request, headers: dict[str, str], upstream: Upstream, repo: str,
+                       digest: str, size: int, spans: list[tuple[int, int]],
+                       listed: list[CacheChunk]) -> web.StreamResponse:  # fmt: skip
+        """Spans of a blob not stored whole, with the chunks the client listed (``chunk_reads``)."""
+        read = self.chunk_reads.plan(upstream, repo, digest, spans, listed)
+        try:
+            async with contextlib.aclosing(read.pieces()) as pieces:
+                return await send_spans(request, headers, spans, size, pieces, lambda n: None)  # counted per source
+        finally:
+            read.close()
+
+    @staticmethod
+    def _listed(request: web.Request, size: int) -> list[CacheChunk] | None:
+        value = request.headers.get(CHUNKS_HEADER)
+        if value is None:
+            return None
+        try:
+            return parse_chunks(value, size)
+        except ValueError as e:
+            raise HttpError(400, "RANGE_INVALID", str(e)) from None
 
     @staticmethod
     def _spans(request: web.Request, size: int) -> list[tuple[int, int]] | None:
@@ -214,6 +254,11 @@ def _answer(request: web.Request, e: Exception) -> web.Response:
         return _error(e.status, "UNAUTHORIZED" if e.status == 401 else "DENIED", str(e), challenge)
     if isinstance(e, UnknownUpstream):
         return _error(404, "NAME_UNKNOWN", str(e))
+    if isinstance(e, RegistryError) and e.status == 429:
+        wait = max(1, round(e.retry_after)) if e.retry_after is not None else 1
+        log.info("%s %s: upstream answered 429; passed on (Retry-After %d)", request.method, request.path, wait)
+        return _error(429, "TOOMANYREQUESTS", f"upstream: {' '.join(str(e).split())[:300]}",
+                      {"Retry-After": str(wait)})  # fmt: skip
     if isinstance(e, NotFoundError):
         return _error(404, "BLOB_UNKNOWN" if "/blobs/" in request.path else "MANIFEST_UNKNOWN", str(e))
     if isinstance(e, RegistryError | VerifyError | aiohttp.ClientError | TimeoutError):

@@ -1,18 +1,29 @@
-"""The cache node's store: blobs and manifests on disk, content-addressed, bounded in size.
+"""The cache node's store: blobs, chunks of blobs and manifests on disk, content-addressed,
+bounded in size.
 
 Layout under the data directory::
 
     blobs/<alg>/<hex>        a blob, exactly the bytes that hash to <alg>:<hex>
     manifests/<alg>/<hex>    a manifest, likewise
+    chunks/<alg>/<hex>/<offset>-<length>-<sha256 hex>
+                             bytes [offset, offset + length) of blob <alg>:<hex>, exactly the
+                             bytes that hash to sha256:<sha256 hex> (a chunk's ``c_digest``)
     tmp/                     files being filled (removed at start-up)
 
-A file enters ``blobs/`` or ``manifests/`` only through ``Writer.commit``, which checks the
-size and the digest of every byte written first and renames the file into place afterwards;
-anything else (a mismatch, a dropped fill) removes the temporary file, so nothing unverified
-is ever stored. The total size of stored files plus the space reserved by running fills stays
-at or under ``max_size``: making room evicts the least recently used entries. Use is tracked in
-memory (an ordered dict, moved to the end on each hit) and persisted cheaply as the file's
-mtime, touched at most once a minute per file, which orders the entries again after a restart.
+A file enters ``blobs/``, ``manifests/`` or ``chunks/`` only through ``Writer.commit``, which
+checks the size and the digest of every byte written first and renames the file into place
+afterwards; anything else (a mismatch, a dropped fill) removes the temporary file, so nothing
+unverified is ever stored. A chunk is stored only from upstream bytes that hash to the digest a
+client listed for that range, so it holds the upstream blob's bytes there whoever listed it.
+Once the whole blob is stored its chunks are dropped (the blob serves every range). The
+chunks of each blob are also indexed in memory (sorted by offset) to find the stored chunks
+covering a byte range; the index is rebuilt from the file names at start-up.
+
+The total size of stored files (blobs, chunks and manifests together) plus the space reserved
+by running fills stays at or under ``max_size``: making room evicts the least recently used
+entries, whatever their kind. Use is tracked in memory (an ordered dict, moved to the end on
+each hit) and persisted cheaply as the file's mtime, touched at most once a minute per file,
+which orders the entries again after a restart.
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ import os
 import re
 import secrets
 import time
+from bisect import bisect_right, insort
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,8 +49,11 @@ log = logging.getLogger(__name__)
 
 Kind = Literal["blobs", "manifests"]
 KINDS: tuple[Kind, ...] = ("blobs", "manifests")
+CHUNKS = "chunks"
 TOUCH_INTERVAL = 60.0  # seconds between mtime updates of one entry
+COVER_SCAN = 16  # stored chunks starting at or before a position looked at to find one covering it
 _HEX = {"sha256": re.compile(r"[0-9a-f]{64}"), "sha512": re.compile(r"[0-9a-f]{128}")}
+_CHUNK_FILE = re.compile(r"(0|[1-9][0-9]{0,19})-([1-9][0-9]{0,19})-([0-9a-f]{64})")
 
 
 class StoreError(Exception):
@@ -55,6 +70,19 @@ class _Entry:
     touched: float  # wall-clock time of the last mtime update
 
 
+@dataclass(frozen=True, order=True)
+class StoredChunk:
+    """Bytes ``[offset, offset + length)`` of a blob, hashing to ``digest`` (sha256)."""
+
+    offset: int
+    length: int
+    digest: str
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
 class Store:
     def __init__(self, root: Path, max_size: int, on_evict: Callable[[int], None] | None = None) -> None:
         self.root = root
@@ -63,8 +91,9 @@ class Store:
         self.total = 0  # bytes of stored entries
         self.reserved = 0  # bytes promised to running fills
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # "<kind>/<alg>/<hex>", least recently used first
+        self._chunks: dict[str, list[StoredChunk]] = {}  # "<alg>/<hex>" of a blob -> its chunks, sorted
         try:
-            for kind in KINDS:
+            for kind in (*KINDS, CHUNKS):
                 for alg in _HEX:
                     (root / kind / alg).mkdir(parents=True, exist_ok=True)
             tmp = root / "tmp"
@@ -89,9 +118,35 @@ class Store:
                         if pattern.fullmatch(f.name) and f.is_file(follow_symlinks=False):
                             st = f.stat(follow_symlinks=False)
                             found.append((st.st_mtime, f"{kind}/{alg}/{f.name}", st.st_size))
+        found += self._scan_chunks()
         for mtime, key, size in sorted(found):
             self._entries[key] = _Entry(size, mtime)
             self.total += size
+            self._index_chunk(key)
+        for blob_id in [b for b in self._chunks if f"blobs/{b}" in self._entries]:  # a stop mid-way
+            self.drop_chunks(blob_id.replace("/", ":", 1))
+
+    def _scan_chunks(self) -> list[tuple[float, str, int]]:
+        """``(mtime, key, size)`` of the stored chunks; a chunk file whose size is not the
+        length its name says is damaged: removed."""
+        found: list[tuple[float, str, int]] = []
+        for alg, pattern in _HEX.items():
+            with os.scandir(self.root / CHUNKS / alg) as blobs:
+                dirs = [b.path for b in blobs if pattern.fullmatch(b.name) and b.is_dir(follow_symlinks=False)]
+            for path in dirs:
+                with os.scandir(path) as it:
+                    files = [f for f in it if _CHUNK_FILE.fullmatch(f.name) and f.is_file(follow_symlinks=False)]
+                for f in files:
+                    st = f.stat(follow_symlinks=False)
+                    if st.st_size != int(f.name.split("-")[1]):
+                        log.warning("store: chunk %s has %d bytes, not the length its name says; removed",
+                                    f.path, st.st_size)  # fmt: skip
+                        os.unlink(f.path)
+                        continue
+                    found.append((st.st_mtime, f"{CHUNKS}/{alg}/{os.path.basename(path)}/{f.name}", st.st_size))
+                with contextlib.suppress(OSError):  # an empty directory of a blob without chunks
+                    os.rmdir(path)
+        return found
 
     @staticmethod
     def _key(kind: Kind, digest: str) -> str:
@@ -110,7 +165,9 @@ class Store:
     def open(self, kind: Kind, digest: str) -> tuple[int, int] | None:
         """``(fd, size)`` of a stored entry, opened for reading (the caller closes the fd), and
         marked as just used; None when it is not stored."""
-        key = self._key(kind, digest)
+        return self._open(self._key(kind, digest))
+
+    def _open(self, key: str) -> tuple[int, int] | None:
         entry = self._entries.get(key)
         if entry is None:
             return None
@@ -158,18 +215,91 @@ class Store:
             writer.close()
 
     def writer(self, kind: Kind, digest: str, size: int) -> Writer:
-        return Writer(self, kind, digest, size)
+        return Writer(self, self._key(kind, digest), digest, size)
+
+    # -- chunks -------------------------------------------------------------------------------
+
+    def _chunk_key(self, blob: str, chunk: StoredChunk) -> str:
+        alg, _, hexpart = check_digest(chunk.digest, "chunk").partition(":")
+        if alg != "sha256":
+            raise ValueError(f"chunk {chunk.offset}+{chunk.length} of {blob}: digest is not sha256")
+        return f"{CHUNKS}/{self._key('blobs', blob).removeprefix('blobs/')}/{chunk.offset}-{chunk.length}-{hexpart}"
+
+    def chunk_writer(self, blob: str, chunk: StoredChunk) -> Writer:
+        """A writer that stores ``chunk`` of ``blob`` once its bytes hash to ``chunk.digest``."""
+        return Writer(self, self._chunk_key(blob, chunk), chunk.digest, chunk.length)
+
+    def has_chunk(self, blob: str, chunk: StoredChunk) -> bool:
+        return self._chunk_key(blob, chunk) in self._entries
+
+    def open_chunk(self, blob: str, chunk: StoredChunk) -> int | None:
+        """A stored chunk's file opened for reading (the caller closes it), marked as just
+        used; None when it is not stored."""
+        opened = self._open(self._chunk_key(blob, chunk))
+        return None if opened is None else opened[0]
+
+    def chunk_count(self) -> int:
+        return sum(len(c) for c in self._chunks.values())
+
+    def covering(self, blob: str, pos: int) -> StoredChunk | None:
+        """Of the stored chunks of ``blob`` holding byte ``pos``, the one reaching furthest
+        (looking at the last ``COVER_SCAN`` chunks starting at or before ``pos``)."""
+        chunks = self._chunks.get(self._blob_id(blob))
+        if not chunks:
+            return None
+        i = bisect_right(chunks, pos, key=lambda c: c.offset)
+        best = None
+        for c in chunks[max(i - COVER_SCAN, 0) : i]:
+            if c.end > pos and (best is None or c.end > best.end):
+                best = c
+        return best
+
+    def next_chunk(self, blob: str, pos: int) -> int | None:
+        """Where the first stored chunk of ``blob`` starting after ``pos`` starts (None: none)."""
+        chunks = self._chunks.get(self._blob_id(blob), [])
+        i = bisect_right(chunks, pos, key=lambda c: c.offset)
+        return chunks[i].offset if i < len(chunks) else None
+
+    def drop_chunks(self, blob: str) -> None:
+        """Remove every stored chunk of ``blob`` (the whole blob is stored now)."""
+        blob_id = self._blob_id(blob)
+        for c in list(self._chunks.get(blob_id, [])):
+            self._delete(f"{CHUNKS}/{blob_id}/{c.offset}-{c.length}-{c.digest.partition(':')[2]}")
+
+    def _blob_id(self, blob: str) -> str:
+        return self._key("blobs", blob).removeprefix("blobs/")
+
+    def _index_chunk(self, key: str) -> None:
+        parsed = _parse_chunk_key(key)
+        if parsed is not None:
+            insort(self._chunks.setdefault(parsed[0], []), parsed[1])
+
+    def _unindex_chunk(self, key: str) -> None:
+        parsed = _parse_chunk_key(key)
+        if parsed is None:
+            return
+        blob_id, chunk = parsed
+        chunks = self._chunks.get(blob_id, [])
+        with contextlib.suppress(ValueError):
+            chunks.remove(chunk)
+        if not chunks:
+            self._chunks.pop(blob_id, None)
+            with contextlib.suppress(OSError):  # not empty (a chunk is being renamed in): kept
+                (self.root / CHUNKS / blob_id).rmdir()
 
     def remove(self, kind: Kind, digest: str) -> None:
-        key = self._key(kind, digest)
-        self._drop(key)
+        self._delete(self._key(kind, digest))
+
+    def _delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             (self.root / key).unlink()
+        self._drop(key)
 
     def _drop(self, key: str) -> None:
         entry = self._entries.pop(key, None)
         if entry is not None:
             self.total -= entry.size
+            self._unindex_chunk(key)
 
     def _reserve(self, size: int) -> None:
         self.reserved += size
@@ -182,6 +312,10 @@ class Store:
         self._drop(key)
         self._entries[key] = _Entry(size, time.time())
         self.total += size
+        self._index_chunk(key)
+        if key.startswith("blobs/"):
+            alg, _, hexpart = key.removeprefix("blobs/").partition("/")
+            self.drop_chunks(f"{alg}:{hexpart}")
         self._evict(0)
 
     def _evict(self, need: int) -> None:
@@ -191,6 +325,7 @@ class Store:
             self.total -= entry.size
             with contextlib.suppress(FileNotFoundError):
                 (self.root / key).unlink()
+            self._unindex_chunk(key)
             log.info("store: evicted %s (%d bytes)", key, entry.size)
             if self.on_evict:
                 self.on_evict(entry.size)
@@ -202,12 +337,11 @@ class Writer:
     over). ``fd`` is opened read-write, so ``os.dup(fd)`` lets a reader follow the file while
     it grows, and keep reading it after it was renamed into place or removed."""
 
-    def __init__(self, store: Store, kind: Kind, digest: str, size: int) -> None:
+    def __init__(self, store: Store, key: str, digest: str, size: int) -> None:
         self.store = store
-        self.kind = kind
         self.digest = digest
         self.size = size
-        self.key = store._key(kind, digest)
+        self.key = key  # where it is stored, relative to the data directory
         self.tmp = store.root / "tmp" / f"{self.key.replace('/', '-')}.{secrets.token_hex(6)}"
         self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         self.written = 0
@@ -251,7 +385,9 @@ class Writer:
             self.close()
             return False
         await asyncio.to_thread(os.fsync, self.fd)
-        os.replace(self.tmp, self.store.root / self.key)
+        final = self.store.root / self.key
+        final.parent.mkdir(exist_ok=True)  # a blob's chunk directory
+        os.replace(self.tmp, final)
         self.store._release(self._reserved)
         self._reserved = 0
         self.store._add(self.key, self.size)
@@ -270,3 +406,14 @@ class Writer:
         if self._reserved:
             self.store._release(self._reserved)
             self._reserved = 0
+
+
+def _parse_chunk_key(key: str) -> tuple[str, StoredChunk] | None:
+    """``("<alg>/<hex>" of the blob, the chunk)`` for a chunk's key, None for other keys."""
+    if not key.startswith(CHUNKS + "/"):
+        return None
+    blob_id, _, name = key.removeprefix(CHUNKS + "/").rpartition("/")
+    m = _CHUNK_FILE.fullmatch(name)
+    if m is None:
+        return None
+    return blob_id, StoredChunk(int(m[1]), int(m[2]), f"sha256:{m[3]}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlencode
@@ -18,7 +18,7 @@ from imgaccel.cachenode.config import CacheNodeConfig, UpstreamConfig
 from imgaccel.cachenode.store import VerifyError, Writer
 from imgaccel.formats.oci import ACCEPT_MANIFESTS
 from imgaccel.pusher.auth import Credentials
-from imgaccel.pusher.client import MAX_MANIFEST_SIZE, RegistryClient, RetryPolicy
+from imgaccel.pusher.client import MAX_MANIFEST_SIZE, RETRY_STATUSES, RegistryClient, RetryPolicy
 from imgaccel.pusher.errors import AuthError, RegistryError
 from imgaccel.pusher.reference import show
 
@@ -26,6 +26,10 @@ PIECE = 4 << 20  # at most this many bytes of a range held in memory per upstrea
 BATCH_BYTES = 8 << 20  # pieces asked for in one multi-range request, together at most this much
 BATCH_RANGES = 64
 PROBE_RETRY = RetryPolicy(attempts=2, base_delay=0.2)
+# Upstream answers retried by the cache node itself: not a 429, which is answered to the client
+# with its Retry-After, so whoever asked (a prewarm task, a node) slows down instead of waiting
+# unaware while the registry throttles.
+RELAYED_RETRY = RetryPolicy(statuses=RETRY_STATUSES - {429})
 _DROPPED = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError)
 Probe = Literal["authenticated", "open", "unauthorized", "forbidden"]
 _MEDIA_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}")
@@ -82,7 +86,7 @@ class Upstream:
                     raise RegistryError(f"{what}: download failed after {sink.written} bytes: {e}") from e
                 await asyncio.sleep(retry.delay(attempt))
 
-    async def read_spans(self, repo: str, digest: str, spans: list[tuple[int, int]]) -> AsyncIterator[bytes]:
+    async def read_spans(self, repo: str, digest: str, spans: list[tuple[int, int]]) -> AsyncGenerator[bytes, None]:
         """The bytes of ``spans`` in order, as pieces of at most ``PIECE`` bytes (unverified:
         the client checks its chunks). Small neighbouring pieces share one multi-range request."""
         pieces = [(p, min(p + PIECE, end)) for start, end in spans for p in range(start, end, PIECE)]
@@ -171,8 +175,9 @@ def _client(
     retry: RetryPolicy | None = None,
     timeout: float = 300.0,
 ) -> RegistryClient:
-    """A client that uses exactly ``credentials`` (None: none at all, not the Docker config's)."""
+    """A client that uses exactly ``credentials`` (None: none at all, not the Docker config's).
+    A 429 is not waited out here: it goes back to the client (``RELAYED_RETRY``)."""
     return RegistryClient(
         config.target, plain_http=config.use_plain_http(), credentials=credentials, docker_config=False,
-        retry=retry, max_connections=max_connections, timeout=timeout,
+        retry=retry or RELAYED_RETRY, max_connections=max_connections, timeout=timeout,
     )  # fmt: skip

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from imgaccel.converter.errors import ConversionError
+from imgaccel.formats.sizes import parse_size
 from imgaccel.pusher.client import RegistryClient
 from imgaccel.pusher.errors import RegistryError
 from imgaccel.pusher.reference import ImageRef, ReferenceError, parse_reference
@@ -33,23 +34,14 @@ FAILURES = (
 )  # fmt: skip
 
 
-def parse_size(text: str) -> int:
-    """``4MiB``, ``512k``, ``10GiB`` or a number of bytes."""
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    if t and t[-1] in units:
-        return int(float(t[:-1]) * units[t[-1]])
-    return int(t)
-
-
 class SizeParam(click.ParamType):  # type: ignore[type-arg]
     name = "size"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
         try:
-            n = value if isinstance(value, int) else parse_size(value)
+            n = value if isinstance(value, int) else parse_size(str(value))
         except ValueError:
-            self.fail(f"{value!r} is not a size (e.g. 4MiB, 512k)", param, ctx)
+            self.fail(f"{value!r} is not a size (e.g. 4MiB, 512k, 10GB)", param, ctx)
         if n <= 0:
             self.fail("must be positive", param, ctx)
         return n

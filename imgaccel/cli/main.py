@@ -31,6 +31,7 @@ from .cachenode_commands import cachenode
 from .common import FAILURES, LimitParam, SizeParam, describe, err, fail, parse_ref, registry_client, run_command
 from .mount_commands import cache, mount, prefetch, record, umount
 from .node_commands import node, node_config, node_unmount, snapshotter
+from .prewarm_commands import prewarm
 from .quoting import shell_escape
 from .service_commands import jobs, serve
 
@@ -343,6 +344,7 @@ main.add_command(node_config)
 main.add_command(node_unmount)
 main.add_command(node)
 main.add_command(cachenode)
+main.add_command(prewarm)
 node.add_command(node_config, "config")
 node.add_command(node_unmount, "unmount")
 

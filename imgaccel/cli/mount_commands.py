@@ -38,7 +38,9 @@ if TYPE_CHECKING:
     from imgaccel.pusher.client import RegistryClient
     from imgaccel.reader.accelerated_image import AcceleratedImage
 
-from .common import FAILURES, describe, err, fail, parse_ref, parse_size, registry_client, run_command
+from imgaccel.formats.sizes import parse_size
+
+from .common import FAILURES, describe, err, fail, parse_ref, registry_client, run_command
 
 log = logging.getLogger(__name__)
 _MAX_DEAD_MOUNTS = 16  # dead mounts stacked on one path that ``mount`` detaches before giving up

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
+from imgaccel.cli.api_client import auth_headers, call_api, server_opt, token_opt
 from imgaccel.service.service_config import ConfigError, load_config
 
 err = Console(stderr=True)
@@ -40,37 +40,6 @@ def serve(config_path: Path | None) -> None:
     except ServiceStartError as e:
         fail(str(e))
         sys.exit(1)
-
-
-server_opt = click.option(
-    "--server",
-    default=lambda: os.environ.get("IMGACCEL_SERVER", "http://127.0.0.1:8080"),
-    show_default="$IMGACCEL_SERVER or http://127.0.0.1:8080",
-)
-token_opt = click.option(
-    "--token", default=lambda: os.environ.get("IMGACCEL_TOKEN"), help="API token ($IMGACCEL_TOKEN)."
-)
-
-
-async def _call(server: str, token: str | None, method: str, path: str, body: Any = None) -> Any:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    async with (
-        aiohttp.ClientSession() as session,
-        session.request(method, server.rstrip("/") + path, json=body, headers=headers) as resp,
-    ):
-        data = await resp.json(content_type=None)
-        if resp.status >= 400:
-            raise click.ClickException(
-                f"{method} {path}: {resp.status}: {data.get('error') if isinstance(data, dict) else data}"
-            )
-        return data
-
-
-def _api(server: str, token: str | None, method: str, path: str, body: Any = None) -> Any:
-    try:
-        return asyncio.run(_call(server, token, method, path, body))
-    except aiohttp.ClientError as e:
-        raise click.ClickException(f"cannot reach {server}: {e}") from None
 
 
 def _line(job: dict[str, Any]) -> str:
@@ -101,7 +70,7 @@ def list_jobs(
         + (f"&state={state}" if state else "")
         + (f"&repository={repository}" if repository else "")
     )
-    data = _api(server, token, "GET", f"/api/v1/jobs{query}")
+    data = call_api(server, token, "GET", f"/api/v1/jobs{query}")
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -115,7 +84,7 @@ def list_jobs(
 @token_opt
 def show(job_id: str, server: str, token: str | None) -> None:
     """Show one job as JSON."""
-    click.echo(json.dumps(_api(server, token, "GET", f"/api/v1/jobs/{job_id}"), indent=2))
+    click.echo(json.dumps(call_api(server, token, "GET", f"/api/v1/jobs/{job_id}"), indent=2))
 
 
 @jobs.command("retry")
@@ -124,7 +93,7 @@ def show(job_id: str, server: str, token: str | None) -> None:
 @token_opt
 def retry(job_id: str, server: str, token: str | None) -> None:
     """Queue a finished job again."""
-    click.echo(_line(_api(server, token, "POST", f"/api/v1/jobs/{job_id}/retry")))
+    click.echo(_line(call_api(server, token, "POST", f"/api/v1/jobs/{job_id}/retry")))
 
 
 @jobs.command("submit")
@@ -133,7 +102,7 @@ def retry(job_id: str, server: str, token: str | None) -> None:
 @token_opt
 def submit(reference: str, server: str, token: str | None) -> None:
     """Ask the service to convert REFERENCE now."""
-    click.echo(_line(_api(server, token, "POST", "/api/v1/jobs", {"reference": reference})))
+    click.echo(_line(call_api(server, token, "POST", "/api/v1/jobs", {"reference": reference})))
 
 
 @jobs.command("watch")
@@ -144,7 +113,7 @@ def watch(job_id: str, server: str, token: str | None) -> None:
     """Follow a job's progress until it finishes; exit 0 only if it succeeded."""
 
     async def go() -> str:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        headers = auth_headers(token)
         final = "unknown"
         with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), console=err, transient=True,
                       disable=not err.is_terminal) as bars:  # fmt: skip

@@ -108,6 +108,9 @@ class Chunk(BaseModel):
     bytes, the last one shorter, so a reader may decode and verify only the prefix it needs.
     ``digest`` is then ``block_list_digest(blocks)``: the sha256 of the concatenated binary
     block digests. Without ``blocks`` (full mode), ``digest`` is the sha256 of the bytes.
+    ``c_digest`` (optional, added in this revision of version 1): sha256 of the compressed blob
+    bytes ``[c_offset, c_offset + c_size)`` exactly as fetched (a gzip chunk's shared first
+    byte included), so a cache node can verify and keep the chunk without decoding it.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -119,6 +122,7 @@ class Chunk(BaseModel):
     blocks: list[str] = []
     bits: int = Field(default=0, ge=0, le=7)
     window: int = -1
+    c_digest: str | None = Field(default=None, pattern=r"^sha256:[0-9a-f]{64}$")
 
 
 # Entry fields that may hold bytes that are not UTF-8. In the JSON, such a field holds a

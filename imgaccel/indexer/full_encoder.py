@@ -5,8 +5,9 @@ file's data, and group small entries up to ``frame_size`` bytes: a lazy reader f
 frames, so small frames keep what it fetches for a small file close to the file's own size
 (128 KiB frames at zstd level 4 stay as small as 4 MiB frames at level 3 give, within 5%). Decompressing every frame
 in order yields the original tar byte for byte. The TOC and seek table follow the data frames
-(``formats.toc``). Compression runs on a thread pool (both codecs release the GIL); memory is
-bounded by ``MAX_IN_FLIGHT`` bytes of frames in flight.
+(``formats.toc``). Each frame's sha256 is its chunk's ``c_digest``. Compression runs on a
+thread pool (both codecs release the GIL); memory is bounded by ``MAX_IN_FLIGHT`` bytes of
+frames in flight.
 """
 
 from __future__ import annotations
@@ -57,20 +58,23 @@ class _FrameWriter:
         self._level = level
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="imgaccel-compress")
         self._local = threading.local()
-        self._pending: deque[tuple[int, int, Future[tuple[bytes, str]]]] = deque()
+        self._pending: deque[tuple[int, int, Future[tuple[bytes, str, str]]]] = deque()
         self._hash = hashlib.sha256()
         self._pending_bytes = 0
         self.offset = 0
         self.chunks: list[Chunk] = []
 
-    def _compress(self, data: bytes) -> tuple[bytes, str]:
+    def _compress(self, data: bytes) -> tuple[bytes, str, str]:
+        """The frame, the sha256 of ``data`` and the sha256 of the frame (``Chunk.c_digest``)."""
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         if self._compression == "zstd":
             cctx = getattr(self._local, "cctx", None)
             if cctx is None:
                 cctx = self._local.cctx = zstandard.ZstdCompressor(level=self._level, write_content_size=True)
-            return cctx.compress(data), digest
-        return lz4.frame.compress(data, compression_level=self._level, store_size=True), digest
+            frame = cctx.compress(data)
+        else:
+            frame = lz4.frame.compress(data, compression_level=self._level, store_size=True)
+        return frame, digest, "sha256:" + hashlib.sha256(frame).hexdigest()
 
     def submit(self, u_offset: int, data: bytes) -> None:
         self._pending.append((u_offset, len(data), self._pool.submit(self._compress, data)))
@@ -81,11 +85,10 @@ class _FrameWriter:
     def _drain_one(self) -> None:
         u_offset, u_size, fut = self._pending.popleft()
         self._pending_bytes -= u_size
-        frame, digest = fut.result()
+        frame, digest, c_digest = fut.result()
         self.write_raw(frame)
-        self.chunks.append(
-            Chunk(c_offset=self.offset - len(frame), c_size=len(frame), u_offset=u_offset, u_size=u_size, digest=digest)
-        )
+        self.chunks.append(Chunk(c_offset=self.offset - len(frame), c_size=len(frame), u_offset=u_offset,
+                                 u_size=u_size, digest=digest, c_digest=c_digest))  # fmt: skip
 
     def write_raw(self, data: bytes) -> None:
         self._out.write(data)

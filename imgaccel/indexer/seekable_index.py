@@ -5,6 +5,9 @@
   ``span`` uncompressed bytes; each keeps zran's bit offset and 32 KiB window.
 * zstd: one chunk per zstd frame. A layer that is one big frame cannot be indexed
   (``NotSeekableError``): convert it in full mode instead.
+
+Every chunk also gets ``c_digest``, the sha256 of its compressed byte range, in a pass over
+the blob file once the chunks are known (``indexer.compressed_digests``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import BinaryIO
 import zstandard
 
 from imgaccel.formats.layer_index import BLOCK_SIZE, Chunk, Encoding, Entry, LayerIndex, block_list_digest
+from imgaccel.indexer.compressed_digests import add_compressed_digests
 from imgaccel.indexer.errors import LayerError, NotSeekableError
 from imgaccel.indexer.limits import DEFAULT_TAR_LIMITS, TarLimits
 from imgaccel.indexer.pending_bytes import PendingBytes
@@ -101,6 +105,12 @@ class _SpanDigests(DigestSink):
             while len(self._in_flight) > MAX_HASH_IN_FLIGHT:  # bound the memory held for hashing
                 self._in_flight.popleft().result()
 
+    def fixed_boundaries(self, span: int) -> list[int]:
+        """Every multiple of ``span`` between the pending bytes' start and end (plain tar:
+        spans are cut as the bytes arrive, so at most about ``span`` bytes wait for hashing)."""
+        first = (self._pending.start // span + 1) * span
+        return list(range(first, self._pending.end + 1, span))
+
     def span_starts(self) -> list[int]:
         return sorted(self._spans)
 
@@ -143,9 +153,11 @@ def build_seekable_index(
     max_bytes = limits.max_stream_bytes(size, encoding != "tar")
     sink = _SpanDigests(limits, max_bytes, min_span=span if encoding == "gzip" else 0)
     try:
-        return _build(path, encoding, blob_digest, size, span, gzip_threads, sink)
+        built = _build(path, encoding, blob_digest, size, span, gzip_threads, sink)
     finally:
         sink.close()
+    add_compressed_digests(path, built.index.chunks)
+    return built
 
 
 def _build(
@@ -165,7 +177,7 @@ def _build(
         raise LayerError(f"index-only mode cannot index {encoding} layers")
     stream = open_uncompressed(path, "tar")
     try:
-        total = _walk_with_cuts(stream, sink, lambda: [])
+        total = _walk_with_cuts(stream, sink, lambda: sink.fixed_boundaries(span))
     finally:
         stream.close()
     _fixed_chunks(sink, total, span)

@@ -20,7 +20,7 @@ import random
 import re
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,6 +62,8 @@ class RetryPolicy:
     attempts: int = 6
     base_delay: float = 0.25
     max_delay: float = 30.0
+    # Answers retried; a mirror that passes a 429 on to its own clients drops 429 from these.
+    statuses: frozenset[int] = RETRY_STATUSES
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         if retry_after is not None:
@@ -274,7 +276,7 @@ class RegistryClient:
                 if resp.status in ok:
                     yield resp
                     return
-                if resp.status in RETRY_STATUSES and retry and attempt + 1 < self.retry.attempts:
+                if resp.status in self.retry.statuses and retry and attempt + 1 < self.retry.attempts:
                     delay = self.retry.delay(attempt, _retry_after(resp) if resp.status == 429 else None)
                     log.info("%s: %s answered %d, retrying in %.2fs", what, method, resp.status, delay)
                     await asyncio.sleep(delay)
@@ -298,7 +300,7 @@ class RegistryClient:
             return NotFoundError(msg, 404)
         if resp.status in (401, 403):
             return AuthError(msg, resp.status)
-        return RegistryError(msg, resp.status)
+        return RegistryError(msg, resp.status, _retry_after(resp) if resp.status in (429, 503) else None)
 
     async def _fetch(
         self,
@@ -524,8 +526,11 @@ class RegistryClient:
             "GET", path, scope=self.pull_scope(repo), what=what, headers=headers, ok=(200, 206), redirects=True
         )
 
-    async def fetch_range(self, repo: str, digest: str, start: int, end: int) -> bytes:
-        """Blob bytes ``[start, end)`` with one Range GET (not verified here: callers verify)."""
+    async def fetch_range(
+        self, repo: str, digest: str, start: int, end: int, *, headers: Mapping[str, str] | None = None
+    ) -> bytes:
+        """Blob bytes ``[start, end)`` with one Range GET (not verified here: callers verify);
+        ``headers`` are sent with it."""
         self._check(repo, digest=digest)
         what = f"{self.registry}/{repo}@{digest}"
         if end <= start:
@@ -534,7 +539,8 @@ class RegistryClient:
             return _read_file_range(self._spools[digest], start, end)
         for attempt in range(self.retry.attempts):
             try:
-                async with self._blob_get(repo, digest, what, {"Range": f"bytes={start}-{end - 1}"}) as resp:
+                ask = {**(headers or {}), "Range": f"bytes={start}-{end - 1}"}
+                async with self._blob_get(repo, digest, what, ask) as resp:
                     if resp.status == 200:  # the registry ignored Range: keep the whole blob, once
                         if not self.range_unsupported:
                             log.warning(
@@ -556,15 +562,23 @@ class RegistryClient:
         return data
 
     async def fetch_ranges(
-        self, repo: str, digest: str, ranges: Sequence[tuple[int, int]], *, fresh: bool = False
+        self,
+        repo: str,
+        digest: str,
+        ranges: Sequence[tuple[int, int]],
+        *,
+        fresh: bool = False,
+        headers: Mapping[str, str] | None = None,
+        chunks: Sequence[tuple[int, int, str]] | None = None,
     ) -> list[bytes]:
         """Blob bytes of each ``[start, end)`` in ``ranges`` (not overlapping): one multi-range
         GET answered ``multipart/byteranges`` when there are several, else one Range GET each.
         A registry (or the storage it redirects to) that answers a multi-range GET with the
         whole blob is detected from the status line, before its body is read: the connection
         is dropped and this client asks one range at a time from then on; so it does after a
-        malformed multipart answer. Not verified here: callers verify. (``fresh`` changes
-        nothing: the registry is the origin.)"""
+        malformed multipart answer. Not verified here: callers verify. ``headers`` are sent with
+        every request (a cache node's ``Imgaccel-Chunks``). (``fresh`` and ``chunks`` change
+        nothing: the registry is the origin and has no use for chunk digests.)"""
         self._check(repo, digest=digest)
         if len(ranges) > 1 and not self.multi_range_unsupported and digest not in self._spools:
             what = f"{self.registry}/{repo}@{digest}"
@@ -572,7 +586,7 @@ class RegistryClient:
             why = ""
             for attempt in range(self.retry.attempts):
                 try:
-                    async with self._blob_get(repo, digest, what, {"Range": header}) as resp:
+                    async with self._blob_get(repo, digest, what, {**(headers or {}), "Range": header}) as resp:
                         try:
                             return await _read_byteranges(resp, ranges)
                         except ValueError as e:
@@ -586,7 +600,7 @@ class RegistryClient:
             log.warning("%s: a multi-range request was answered with %s; asking one range per request from now on",
                         self.registry, why)  # fmt: skip
             self.multi_range_unsupported = True
-        return [await self.fetch_range(repo, digest, start, end) for start, end in ranges]
+        return [await self.fetch_range(repo, digest, start, end, headers=headers) for start, end in ranges]
 
     async def _spool(self, resp: aiohttp.ClientResponse, what: str, digest: str) -> str:
         """Write a whole-blob response to a temporary file, digest-checked; remember it."""

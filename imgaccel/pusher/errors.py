@@ -4,9 +4,10 @@
 class RegistryError(Exception):
     """A registry request failed for good (after retries where retrying made sense)."""
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    def __init__(self, message: str, status: int | None = None, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.retry_after = retry_after  # seconds a 429 (or 503) asked to wait, when it said
 
 
 class NotFoundError(RegistryError):

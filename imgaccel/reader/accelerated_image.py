@@ -14,7 +14,7 @@ import asyncio
 import hashlib
 import platform as host_platform
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 from imgaccel.formats import layer_index as li
@@ -38,6 +38,27 @@ def host_platform_label() -> str:
     return f"linux/{_ARCH.get(machine, machine)}"
 
 
+@dataclass(frozen=True)
+class IndexRange:
+    blob: str  # the blob holding the index
+    offset: int
+    length: int
+    digest: str  # sha256 of those bytes (the blob's own digest for a whole index blob)
+
+
+def index_ranges(descriptors: list[oci.Descriptor]) -> list[IndexRange]:
+    """The TOC ranges of full-mode layers and the index blobs among ``descriptors``."""
+    out = []
+    for d in descriptors:
+        ann = d.annotations or {}
+        if li.ANN_TOC_DIGEST in ann:
+            off, size = int(ann[li.ANN_TOC_OFFSET]), int(ann[li.ANN_TOC_SIZE])
+            out.append(IndexRange(d.digest, off, size, ann[li.ANN_TOC_DIGEST]))
+        elif d.mediaType == li.INDEX_BLOB_MEDIA_TYPE:
+            out.append(IndexRange(d.digest, 0, d.size, d.digest))
+    return out
+
+
 @dataclass
 class AcceleratedImage:
     ref: ImageRef
@@ -49,6 +70,9 @@ class AcceleratedImage:
     source_digest: str | None
     layers: list[LayerReader]
     layer_digests: list[str]  # the platform manifest's layers, in order: what a runtime pulls
+    # Where the layers' indexes are: full-mode TOCs (ranges of the layer blobs) and index blobs
+    # (whole blobs). A prewarm fetches these with the chunks.
+    index_ranges: list[IndexRange] = field(default_factory=list)
 
     @cached_property
     def view(self) -> MergedView:
@@ -126,8 +150,13 @@ async def _read_toc(
         raise ImageOpenError(f"{what}: layer has no imgaccel TOC annotations") from None
     if off < 0 or size <= 0 or off + size > layer.size:
         raise ImageOpenError(f"{what}: TOC annotations point outside the blob")
+    # Listed as a chunk with its digest: a cache node verifies and keeps the TOC alone, and
+    # does not start filling the whole blob for it.
+    chunk = [(off, size, digest)]
     for fresh in (False, True):  # asked once more on a mismatch: of the registry itself (``fresh``)
-        (data,) = await (fetcher or client).fetch_ranges(repo, layer.digest, [(off, off + size)], fresh=fresh)
+        (data,) = await (fetcher or client).fetch_ranges(
+            repo, layer.digest, [(off, off + size)], fresh=fresh, chunks=chunk
+        )
         if "sha256:" + hashlib.sha256(data).hexdigest() == digest:
             break
     else:
@@ -138,6 +167,18 @@ async def _read_toc(
         raise ImageOpenError(f"{what}: invalid TOC: {e}") from e
     index.blob_digest = layer.digest
     return index
+
+
+async def _read_index_blob(fetcher: RangeFetcher, repo: str, desc: oci.Descriptor, what: str) -> bytes:
+    """An index blob, read like chunks are (through cache nodes, if any) and digest-checked."""
+    if not 0 < desc.size <= MAX_INDEX_BLOB:
+        raise ImageOpenError(f"{what}: index {desc.digest} has size {desc.size} (at most {MAX_INDEX_BLOB})")
+    whole = [(0, desc.size, desc.digest)]
+    for fresh in (False, True):  # asked once more on a mismatch: of the registry itself (``fresh``)
+        (data,) = await fetcher.fetch_ranges(repo, desc.digest, [(0, desc.size)], fresh=fresh, chunks=whole)
+        if oci.digest_of(data, desc.digest) == desc.digest:
+            return data
+    raise ImageOpenError(f"{what}: index {desc.digest}: the bytes do not match the digest")
 
 
 async def _full_layers(
@@ -195,7 +236,7 @@ async def _index_layers(
         if desc.mediaType != li.INDEX_BLOB_MEDIA_TYPE:  # a full-mode copy (--fallback full)
             index = await _read_toc(client, ref.repository, desc, fetcher)
             return _toc_reader(fetcher, ref, desc, index, cache, slots)
-        blob = await client.read_blob(ref.repository, desc.digest, MAX_INDEX_BLOB)
+        blob = await _read_index_blob(fetcher, ref.repository, desc, what)
         try:
             index, windows = li.decode_index_blob(blob)
         except li.IndexFormatError as e:
@@ -247,6 +288,7 @@ async def open_image(
     if ann.get(li.ANN_MODE) == "full":
         layers = await _full_layers(client, ref, parsed, cache, slots, fetcher)
         mode, source = "full", ann.get(li.ANN_SOURCE_DIGEST)
+        ranges = index_ranges(parsed.layers)
     else:
         artifact = await _index_artifact(client, ref, manifest, candidates)
         if artifact is None:
@@ -257,7 +299,8 @@ async def open_image(
             raise ImageOpenError(f"{ref}: not an accelerated image (no imgaccel index for {manifest.digest})")
         layers = await _index_layers(client, ref, parsed, artifact, cache, slots, fetcher)
         mode, source = "index", manifest.digest
+        ranges = index_ranges(artifact.layers)
     digests = [layer.digest for layer in parsed.layers]
     return AcceleratedImage(
-        ref, top.digest, top.media_type, len(top.data), mode, manifest.digest, source, layers, digests
+        ref, top.digest, top.media_type, len(top.data), mode, manifest.digest, source, layers, digests, ranges
     )

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
@@ -47,10 +48,20 @@ class RangeFetcher(Protocol):
     multi_range_unsupported: bool  # True: each byte range needs a request of its own
 
     async def fetch_ranges(
-        self, repo: str, digest: str, ranges: Sequence[tuple[int, int]], *, fresh: bool = False
+        self,
+        repo: str,
+        digest: str,
+        ranges: Sequence[tuple[int, int]],
+        *,
+        fresh: bool = False,
+        chunks: Sequence[tuple[int, int, str]] | None = None,
     ) -> list[bytes]:
         """The bytes of ``ranges`` of the blob. ``fresh``: bytes an earlier answer gave for
-        them failed verification: ask the origin (the registry), not a mirror or cache."""
+        them failed verification: ask the origin (the registry), not a mirror or cache.
+        ``chunks``: ``(offset, length, c_digest)`` of the chunks whose whole compressed range
+        lies inside one of ``ranges``, sorted, possibly none; None when the index has no
+        compressed digests. A cache node verifies and keeps them (see ``formats.cache_chunks``),
+        a registry ignores them."""
         ...
 
 
@@ -153,6 +164,8 @@ class LayerReader:
         self._compressed: OrderedDict[int, bytes] = OrderedDict()  # partly decoded chunks
         self._inflight: dict[int, asyncio.Future[bytes]] = {}
         self._tasks: set[asyncio.Task[object]] = set()
+        self._c_offsets = [c.c_offset for c in index.chunks]  # not decreasing: chunks are in blob order
+        self._c_digests = any(c.c_digest is not None for c in index.chunks)
 
     async def read(self, offset: int, length: int, limit: int | None = None, *, record: bool = True) -> bytes:
         """``length`` bytes of the uncompressed tar at ``offset`` (short at the end). ``limit``
@@ -406,7 +419,9 @@ class LayerReader:
     async def _fetch(self, spans: list[tuple[int, int]], fresh: bool = False) -> list[bytes]:
         started = time.monotonic()
         try:
-            datas = await self.fetcher.fetch_ranges(self.repo, self.blob_digest, spans, fresh=fresh)
+            datas = await self.fetcher.fetch_ranges(
+                self.repo, self.blob_digest, spans, fresh=fresh, chunks=self._listed_chunks(spans)
+            )
         except Exception as e:
             where = f"bytes {spans[0][0]}-{spans[0][1] - 1}" + (
                 f" and {len(spans) - 1} more ranges" if len(spans) > 1 else ""
@@ -417,6 +432,22 @@ class LayerReader:
         if self.on_fetch is not None:
             self.on_fetch(time.monotonic() - started)
         return datas
+
+    def _listed_chunks(self, spans: list[tuple[int, int]]) -> list[tuple[int, int, str]] | None:
+        """``(c_offset, c_size, c_digest)`` of the chunks with a ``c_digest`` whose whole
+        compressed range lies inside one of ``spans`` (a prefix of a chunk is not listed);
+        None when the index has no ``c_digest`` at all (written before they existed)."""
+        if not self._c_digests:
+            return None
+        chunks, found = self.index.chunks, set()
+        for start, end in spans:
+            for p in range(bisect_left(self._c_offsets, start), len(chunks)):
+                c = chunks[p]
+                if c.c_offset >= end:
+                    break
+                if c.c_digest is not None and c.c_offset + c.c_size <= end:
+                    found.add((c.c_offset, c.c_size, c.c_digest))
+        return sorted(found)
 
     def _decode_and_store(
         self, pieces: dict[int, bytes], needed: dict[int, int]

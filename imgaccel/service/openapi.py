@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from imgaccel.service.prewarm_api import OPENAPI_PATHS, OPENAPI_SCHEMAS
+
 _JOB: dict[str, Any] = {
     "type": "object",
     "properties": {
@@ -41,9 +43,9 @@ _ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"
 
 OPENAPI: dict[str, Any] = {
     "openapi": "3.1.0",
-    "info": {"title": "imgaccel conversion service", "version": "1"},
+    "info": {"title": "imgaccel conversion and prewarm service", "version": "1"},
     "components": {
-        "schemas": {"Job": _JOB, "Error": _ERROR},
+        "schemas": {"Job": _JOB, "Error": _ERROR, **OPENAPI_SCHEMAS},
         "securitySchemes": {"token": {"type": "apiKey", "in": "header", "name": "Authorization"}},
     },
     "security": [{"token": []}],
@@ -106,5 +108,6 @@ OPENAPI: dict[str, Any] = {
             "get": {"security": [], "responses": {"200": {"description": "ready"}, "503": {"description": "not"}}}
         },
         "/metrics": {"get": {"security": [], "responses": {"200": {"description": "Prometheus text format"}}}},
+        **OPENAPI_PATHS,
     },
 }

@@ -8,17 +8,19 @@ reconciler run as tasks of the same event loop.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import logging
 import sqlite3
-from collections import defaultdict
 from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from imgaccel.prewarm.runner import THROTTLE_RETRY, PrewarmRunner
+from imgaccel.prewarm.store import SQLitePrewarmStore
+from imgaccel.pusher.auth import Credentials
+from imgaccel.pusher.client import RegistryClient
 from imgaccel.pusher.errors import RegistryError
 from imgaccel.pusher.reference import ReferenceError, is_loopback, parse_reference, show
 from imgaccel.service.events import EventError, parse_event_body
@@ -26,8 +28,10 @@ from imgaccel.service.job_store import STORE_ERRORS, TERMINAL, Job, JobStore, SQ
 from imgaccel.service.metrics import ServiceMetrics
 from imgaccel.service.notifier import Notifier
 from imgaccel.service.openapi import OPENAPI
+from imgaccel.service.prewarm_api import PrewarmApi
 from imgaccel.service.reconciler import Reconciler
 from imgaccel.service.service_config import InboundAuth, ServiceConfig
+from imgaccel.service.sse import Watchers
 from imgaccel.service.worker import JobRunner, RegistryClients, job_key
 
 log = logging.getLogger(__name__)
@@ -62,7 +66,12 @@ class Service:
             config, self.store, self.clients, self.metrics, self.publish, self.notifier.job_finished
         )
         self.reconciler = Reconciler(config, self.clients, self.enqueue)
-        self._watchers: defaultdict[str, set[asyncio.Queue[dict[str, Any]]]] = defaultdict(set)
+        self.prewarm = PrewarmRunner(
+            config.prewarm, SQLitePrewarmStore(config.data_dir / "jobs.sqlite"), self._prewarm_client,
+            lambda task: self.prewarm_api.publish(task),
+        )  # fmt: skip
+        self.prewarm_api = PrewarmApi(self.prewarm, self._api_auth, self._node_auth)
+        self.watchers = Watchers()
 
     # -- jobs ----------------------------------------------------------------------------
 
@@ -79,9 +88,7 @@ class Service:
         return job, "queued"
 
     def publish(self, job: Job) -> None:
-        snapshot = job.to_json()
-        for q in list(self._watchers.get(job.id, ())):
-            q.put_nowait(snapshot)
+        self.watchers.publish(job.id, job.to_json)
 
     def _registry_for(self, host: str | None) -> str | None:
         """The configured registry an event names; None when it is not ours to contact.
@@ -133,6 +140,22 @@ class Service:
         if not _authorized(self.config.api_auth, request):
             return _error(401, "missing or wrong credential")
         return None
+
+    def _node_auth(self, request: web.Request) -> web.Response | None:
+        """Node daemons' polls: the prewarm node token, or the API token when none is set."""
+        token = self.config.prewarm.node_token
+        auth = InboundAuth(token=token) if token is not None else self.config.api_auth
+        if not _authorized(auth, request):
+            return _error(401, "missing or wrong node credential")
+        return None
+
+    def _prewarm_client(self, endpoint: str, credentials: Credentials | None) -> RegistryClient:
+        """A new client for a prewarm task: the task's credentials, else the registry's own."""
+        reg = self.config.registry(endpoint)
+        return RegistryClient(
+            endpoint, plain_http=reg.use_plain_http(), credentials=credentials or reg.credentials(),
+            docker_config=credentials is None, retry=THROTTLE_RETRY, max_connections=reg.max_connections,
+        )  # fmt: skip
 
     def _requested_job(self, request: web.Request) -> Job | web.Response:
         """The job named in the path, or the 401/404 response to send instead."""
@@ -213,27 +236,15 @@ class Service:
         job = self._requested_job(request)
         if isinstance(job, web.Response):
             return job
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await resp.prepare(request)
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self._watchers[job.id].add(queue)
-        try:
-            snapshot = self._job_json(job)
-            while True:
-                await resp.write(f"event: job\ndata: {json.dumps(snapshot)}\n\n".encode())
-                if snapshot["state"] in TERMINAL:
-                    break
-                try:
-                    snapshot = await asyncio.wait_for(queue.get(), 15)
-                except TimeoutError:
-                    await resp.write(b": keep-alive\n\n")
-                    latest = self.store.get(job.id)
-                    snapshot = latest.to_json() if latest else snapshot
-        finally:
-            self._watchers[job.id].discard(queue)
-            if not self._watchers[job.id]:
-                del self._watchers[job.id]
-        return resp
+
+        def reread() -> dict[str, Any] | None:
+            latest = self.store.get(job.id)
+            return latest.to_json() if latest else None
+
+        def final(snapshot: dict[str, Any]) -> bool:
+            return snapshot["state"] in TERMINAL
+
+        return await self.watchers.stream(request, job.id, "job", self._job_json(job), final, reread)
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -285,6 +296,7 @@ class Service:
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics_handler)
         app.router.add_get("/openapi.json", self.openapi)
+        self.prewarm_api.add_routes(app)
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
         return app
@@ -293,8 +305,10 @@ class Service:
         self.runner.start()
         self.notifier.start()
         self.reconciler.start()
+        self.prewarm.start()
 
     async def _stop(self, app: web.Application) -> None:
+        await self.prewarm.stop()
         await self.reconciler.stop()
         await self.runner.stop()
         await self.notifier.stop()

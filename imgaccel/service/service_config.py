@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from imgaccel.converter.options import DEFAULT_SUFFIX, ConversionLimits, ConvertOptions
+from imgaccel.prewarm.config import PrewarmConfig
 from imgaccel.pusher.auth import Credentials, load_docker_credentials
 from imgaccel.pusher.client import RetryPolicy
 from imgaccel.pusher.reference import check_registry_host, check_repository, is_loopback
@@ -52,6 +53,27 @@ class RegistryConfig(_Strict):
         return self.plain_http if self.plain_http is not None else is_loopback(self.endpoint)
 
 
+_PROFILE_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+class ProfileRule(_Strict):
+    """Record a start-up profile after each conversion the rule makes (``service.auto_profile``):
+    the image's Entrypoint + Cmd run in a runc sandbox (no network, read-only root from the
+    lazy mount) for ``seconds``, and the chunks it read are pushed as a profile referrer of the
+    accelerated image with ``label``. Host platform only; needs root, runc and /dev/fuse."""
+
+    seconds: float = Field(default=10.0, gt=0, le=600)  # how long the workload runs before SIGKILL
+    label: str = "startup"  # the profile's label (what nodes and prewarm look up)
+    memory_limit: int = Field(default=512 << 20, ge=16 << 20)  # bytes: the sandbox's memory cgroup limit
+
+    @field_validator("label")
+    @classmethod
+    def _label(cls, v: str) -> str:
+        if not _PROFILE_LABEL.fullmatch(v):
+            raise ValueError(f"invalid profile label {v!r}: expected 1 to 128 of [A-Za-z0-9._-], starting alphanumeric")
+        return v
+
+
 class Rule(_Strict):
     repository: str = "*"  # glob over the repository path, e.g. "team/*"
     tag: str = ".*"  # regex over the tag (full match); digest-only pushes match when it matches ""
@@ -60,6 +82,7 @@ class Rule(_Strict):
     tag_suffix: str | None = None
     platforms: list[str] = []
     enabled: bool = True
+    profile: ProfileRule | None = None  # e.g. {seconds: 10, label: startup}: record a start-up profile
 
     @field_validator("tag")
     @classmethod
@@ -148,6 +171,7 @@ class ServiceConfig(_Strict):
     webhooks: list[WebhookConfig] = []
     limits: ConversionLimits = ConversionLimits()  # what one image may declare
     isolation: IsolationConfig = IsolationConfig()
+    prewarm: PrewarmConfig = PrewarmConfig()
 
     @field_validator("cache_repo")
     @classmethod

@@ -8,6 +8,11 @@ job). ``NotConvertible`` images (Helm charts, signatures, our own output) are ``
 Progress is kept on the job and published to live watchers. The converter pushes the tag last,
 so a worker killed at any moment leaves no tag on a half-pushed image, and the job, still
 ``running`` in the store, is requeued when the service starts again.
+
+When the job's rule has ``profile:``, a successful conversion is followed by the profile step
+(``auto_profile``: the image's entrypoint run in a sandbox, the chunks it read pushed as a
+profile) before the job is marked ``succeeded``. Its outcome is ``job.progress["profile"]``;
+it never fails the job.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from imgaccel.formats.layer_index import FORMAT_VERSION
 from imgaccel.pusher.client import RegistryClient
 from imgaccel.pusher.errors import RegistryError
 from imgaccel.pusher.reference import ImageRef, ReferenceError
+from imgaccel.service import auto_profile
 from imgaccel.service.isolated_job import (
     ConversionLimitError,
     IsolatedResult,
@@ -35,7 +41,7 @@ from imgaccel.service.isolated_job import (
 )
 from imgaccel.service.job_store import Job, JobStore
 from imgaccel.service.metrics import ServiceMetrics
-from imgaccel.service.service_config import Rule, ServiceConfig
+from imgaccel.service.service_config import ProfileRule, Rule, ServiceConfig
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +98,7 @@ class JobRunner:
         self.on_finished = on_finished
         self.wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._swept: asyncio.Task[None] | None = None  # leftovers of profile runs, cleared at start
 
     def start(self) -> None:
         requeued, failed = self.store.requeue_running(self.config.retry.attempts)
@@ -99,6 +106,7 @@ class JobRunner:
             log.warning("resuming %d job(s) that were running when the service stopped", requeued)
         if failed:
             log.warning("%d job(s) failed: the service stopped during each of their attempts", failed)
+        self._swept = asyncio.create_task(self._sweep_profile_runs(), name="imgaccel-profile-sweep")
         self._tasks = [
             asyncio.create_task(self._loop(i), name=f"imgaccel-worker-{i}") for i in range(self.config.workers)
         ]
@@ -107,6 +115,20 @@ class JobRunner:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._swept is not None:
+            await asyncio.gather(self._swept, return_exceptions=True)
+
+    async def _sweep_profile_runs(self) -> None:
+        root = auto_profile.work_root(self.config.data_dir)
+        if not root.is_dir():
+            return
+        try:
+            cleared = await asyncio.to_thread(auto_profile.sweep, root)
+        except OSError as e:
+            log.error("%s: clearing profile runs left by a previous service failed: %s", root, e)
+            return
+        if cleared:
+            log.warning("cleared %d profile run(s) left by a previous service: %s", len(cleared), ", ".join(cleared))
 
     async def _loop(self, n: int) -> None:
         while True:
@@ -177,6 +199,8 @@ class JobRunner:
         except (ConversionError, RegistryError, OSError) as e:
             self._retry_or_fail(job, str(e))
             return
+        if rule.profile is not None:
+            await self._profile(job, rule.profile, result.digest)
         job.state, job.finished_at, job.last_error = "succeeded", time.time(), None
         job.target, job.target_digest = str(result.target), result.digest
         job.layers = result.layers_converted + result.layers_reused
@@ -188,6 +212,51 @@ class JobRunner:
         self.metrics.bytes_out.inc(result.bytes_out)
         self.publish(job)
         self.on_finished(job)
+
+    async def _profile(self, job: Job, rule: ProfileRule, digest: str) -> None:
+        """The profile step (``auto_profile``) for the converted image ``digest``: its outcome
+        goes to ``job.progress["profile"]`` and one log line; it never fails the job."""
+        try:
+            outcome = await self._profile_outcome(job, rule, digest)
+        except asyncio.CancelledError:
+            log.info("job %s: profile %r stopped: the service is stopping", job.id, rule.label)
+            raise
+        job.progress["profile"] = outcome.to_progress()
+        level = logging.WARNING if outcome.state == "failed" else logging.INFO
+        log.log(level, "job %s: %s/%s@%s: %s", job.id, job.registry, job.repository, digest, outcome.describe())
+        self.store.save(job)
+        self.publish(job)
+
+    async def _profile_outcome(self, job: Job, rule: ProfileRule, digest: str) -> auto_profile.ProfileOutcome:
+        if why := auto_profile.missing_prerequisite():
+            return auto_profile.ProfileOutcome("skipped", rule.label, error=why)
+        job.progress["profile"] = {"state": "running", "label": rule.label}
+        self.publish(job)
+        if self._swept is not None:
+            await asyncio.shield(self._swept)
+        try:
+            run_dir, runc_root = auto_profile.new_run(auto_profile.work_root(self.config.data_dir))
+        except OSError as e:
+            return auto_profile.ProfileOutcome("failed", rule.label, error=f"cannot create a run directory: {e}")
+        reg = self.config.registry(job.registry)
+        credentials = reg.credentials()
+        request = auto_profile.ProfileRequest(
+            registry=job.registry,
+            repository=job.repository,
+            digest=digest,
+            plain_http=reg.use_plain_http(),
+            username=credentials.username if credentials else None,
+            password=credentials.password if credentials else None,
+            request_attempts=self.config.retry.request_attempts,
+            max_connections=reg.max_connections,
+            label=rule.label,
+            seconds=rule.seconds,
+            memory_limit=rule.memory_limit,
+            run_dir=str(run_dir),
+            runc_root=str(runc_root),
+            log_level=logging.getLogger().getEffectiveLevel(),
+        )
+        return await auto_profile.record_profile(request, job.id)
 
     def _stored_tags(self, job: Job) -> list[str]:
         stored = self.store.get(job.id)

@@ -10,20 +10,34 @@ itself. A node that fails (connection error, timeout, 5xx) is skipped by every f
 refuses the token) only moves this request on. Cache nodes are not trusted for content: the
 ``LayerReader`` verifies every chunk and asks once more, ``fresh``, for one that failed
 verification (as a TOC read does after a digest mismatch); a fresh request goes to the
-registry itself.
+registry itself. A 429 from a cache node is the registry throttling it, passed on: the node is
+asked again after its Retry-After (at most ``MAX_THROTTLE_WAIT`` s, ``THROTTLED_ATTEMPTS``
+asks in all) rather than sending every node to the registry, which would throttle them too.
+
+With ``chunks`` (the ``c_digest`` of each whole chunk inside the requested ranges), a request
+to a cache node carries the ``Imgaccel-Chunks`` header, so the node verifies and keeps those
+chunks and serves them to every other node without asking the registry again; the header is
+sent empty when no whole chunk lies inside the ranges (a prefix read), so the node still
+answers from its chunks and starts no whole-blob fill. Without ``chunks`` (None: an index
+without compressed digests) no header is sent and the node does as for any client. A header
+lists at most ``MAX_CHUNKS`` chunks: more are asked in several requests, a range cut where a
+chunk ends (the next part starting where its next chunk starts: gzip chunks share bytes). The
+registry is never sent the header.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 
+from imgaccel.formats.cache_chunks import CHUNKS_HEADER, MAX_CHUNKS, CacheChunk, format_chunks, usable_chunks
+from imgaccel.formats.rendezvous import rendezvous_key
 from imgaccel.pusher.auth import Credentials
 from imgaccel.pusher.client import RegistryClient, RetryPolicy
 from imgaccel.pusher.errors import RegistryError
@@ -33,6 +47,8 @@ from imgaccel.snapshotter.status import CacheNodeStatus
 log = logging.getLogger(__name__)
 CACHE_NODE_USER = "imgaccel-node"  # the Basic user name sent with the cluster token (any is accepted)
 CACHE_NODE_TIMEOUT = 10.0  # seconds a cache node may keep an answer waiting before it counts as failed
+THROTTLED_ATTEMPTS = 4  # asks of a cache node that passes on the registry's 429 (Retry-After waited)
+MAX_THROTTLE_WAIT = 10.0  # seconds waited at most per 429
 _FAILURES = (RegistryError, aiohttp.ClientError, asyncio.TimeoutError, OSError)
 
 
@@ -45,11 +61,6 @@ class CacheNode:
     requests: int = 0  # requests it answered
     bytes_fetched: int = 0  # bytes it answered with
     failures: int = 0
-
-
-def rendezvous_key(address: str, digest: str) -> bytes:
-    """The blob's score at a node: the highest scoring healthy node serves it first."""
-    return hashlib.sha256((address + digest).encode()).digest()
 
 
 class CacheNodes:
@@ -152,24 +163,100 @@ class MirroredFetcher:
         self.registry.multi_range_unsupported = value
 
     async def fetch_ranges(
-        self, repo: str, digest: str, ranges: Sequence[tuple[int, int]], *, fresh: bool = False
+        self,
+        repo: str,
+        digest: str,
+        ranges: Sequence[tuple[int, int]],
+        *,
+        fresh: bool = False,
+        chunks: Sequence[CacheChunk] | None = None,
     ) -> list[bytes]:
         if fresh:  # bytes a cache node (or the registry) gave failed verification: the origin
             self.fresh_requests += 1
             log.warning("%s@%s: bytes failed verification; asking the registry itself", repo, digest)
         for node in () if fresh else self.nodes.order(digest):
-            try:
-                client = await self.nodes.client(node, self.registry.registry)
-                datas = await client.fetch_ranges(repo, digest, ranges)
-            except _FAILURES as e:
-                status = getattr(e, "status", None)
-                if status is not None and status < 500:  # it cannot serve this one; it is not down
-                    log.info("cache node %s: %s; asking the next source", node.address, e)
-                else:
-                    self.nodes.mark_down(node, f"{type(e).__name__}: {e}")
-                continue
-            node.requests += 1
-            node.bytes_fetched += sum(len(d) for d in datas)
-            return datas
+            for attempt in range(THROTTLED_ATTEMPTS):
+                try:
+                    client = await self.nodes.client(node, self.registry.registry)
+                    datas = await _fetch_listing(client, repo, digest, ranges, chunks)
+                except _FAILURES as e:
+                    status = getattr(e, "status", None)
+                    if status == 429 and attempt + 1 < THROTTLED_ATTEMPTS:
+                        # The registry throttles the cache node: asking it directly would not help.
+                        retry_after = getattr(e, "retry_after", None) or 1.0
+                        await asyncio.sleep(min(retry_after, MAX_THROTTLE_WAIT))
+                        continue
+                    if status is not None and status < 500:  # it cannot serve this one; it is not down
+                        log.info("cache node %s: %s; asking the next source", node.address, e)
+                    else:
+                        self.nodes.mark_down(node, f"{type(e).__name__}: {e}")
+                    break
+                node.requests += 1
+                node.bytes_fetched += sum(len(d) for d in datas)
+                return datas
         self.registry_requests += 1
         return await self.registry.fetch_ranges(repo, digest, ranges)
+
+
+@dataclass
+class _Part:
+    """Bytes ``[start, end)`` of requested range ``index``, asked in one request."""
+
+    index: int
+    start: int
+    end: int
+
+
+@dataclass
+class _Request:
+    parts: list[_Part] = field(default_factory=list)
+    chunks: list[CacheChunk] = field(default_factory=list)
+
+
+async def _fetch_listing(
+    client: RegistryClient,
+    repo: str,
+    digest: str,
+    ranges: Sequence[tuple[int, int]],
+    chunks: Sequence[CacheChunk] | None,
+) -> list[bytes]:
+    """``ranges`` from a cache node, ``chunks`` listed in the ``Imgaccel-Chunks`` header of
+    the requests (several when there are more than ``MAX_CHUNKS``; an empty header when none
+    lies inside them, so the node serves the bytes from its chunks and starts no whole-blob
+    fill). ``chunks`` None (an index without compressed digests): no header."""
+    if chunks is None:
+        return await client.fetch_ranges(repo, digest, ranges)
+    out: list[bytearray] = [bytearray() for _ in ranges]
+    ends = [start for start, _ in ranges]  # where what is assembled of each range ends
+    for request in _plan_requests(ranges, usable_chunks(chunks)):
+        headers = {CHUNKS_HEADER: format_chunks(sorted(request.chunks))}
+        datas = await client.fetch_ranges(repo, digest, [(p.start, p.end) for p in request.parts], headers=headers)
+        for part, data in zip(request.parts, datas, strict=True):
+            out[part.index] += memoryview(data)[ends[part.index] - part.start :]  # a shared byte once
+            ends[part.index] = part.end
+    return [bytes(b) for b in out]
+
+
+def _plan_requests(ranges: Sequence[tuple[int, int]], listed: list[CacheChunk]) -> list[_Request]:
+    """Requests asking ``ranges`` that each list at most ``MAX_CHUNKS`` of the chunks lying
+    wholly inside a range. A range with more than a request has room for is cut after the last
+    chunk that fits; its rest starts where the next chunk starts, in the next request."""
+    requests = [_Request()]
+    for i, (start, end) in enumerate(ranges):
+        first = bisect_left(listed, (start,))
+        inside = [c for c in listed[first : bisect_left(listed, (end,))] if c[0] + c[1] <= end]
+        while True:
+            request = requests[-1]
+            room = MAX_CHUNKS - len(request.chunks)
+            if len(inside) <= room:
+                request.parts.append(_Part(i, start, end))
+                request.chunks += inside
+                break
+            if room:
+                cut = inside[room - 1][0] + inside[room - 1][1]
+                request.parts.append(_Part(i, start, cut))
+                request.chunks += inside[:room]
+                inside = inside[room:]
+                start = min(cut, inside[0][0])
+            requests.append(_Request())
+    return [r for r in requests if r.parts]

@@ -10,14 +10,18 @@ snapshots and metadata under ``/var/lib/imgaccel``, caches lazily read chunks in
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+from socket import gethostname
 from typing import Annotated, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from imgaccel.formats.prewarm import check_labels, check_name
 from imgaccel.pusher.auth import Credentials, docker_config_path, load_docker_credentials
 from imgaccel.pusher.reference import check_registry_host, is_loopback
+from imgaccel.pusher.secret import Secret
 
 DEFAULT_SOCKET = Path("/run/imgaccel/snapshotter.sock")
 DEFAULT_ROOT = Path("/var/lib/imgaccel")
@@ -60,6 +64,36 @@ class CacheNodeConfig(BaseModel):
         return check_registry_host(v, None)  # (a ReferenceError is a ValueError: pydantic reports it)
 
 
+class PrewarmAgentConfig(BaseModel):
+    """The prewarm service this node takes assignments from (``imgaccel serve``'s prewarm API).
+    The node polls it (no inbound connection), reporting its labels and progress."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    service: str  # base URL of imgaccel serve, e.g. http://imgaccel.internal:8080
+    token: Secret | None = None  # the service's prewarm node token (Bearer)
+    node_name: str = Field(default_factory=gethostname)  # how tasks and selectors name this node
+    labels: dict[str, str] = {}  # e.g. {region: cn-east, card: h200}; kubernetes.io/arch is added
+    poll_seconds: float = Field(5.0, gt=0, le=600)  # until the service says otherwise
+
+    @field_validator("service")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.fullmatch(r"https?://[^/?#\s]+/?", v):
+            raise ValueError(f"{v!r}: expected http(s)://host[:port]")
+        return v.rstrip("/")
+
+    @field_validator("node_name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_name(v, "node name")
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
+        return check_labels(v)
+
+
 class NodeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -97,6 +131,8 @@ class NodeConfig(BaseModel):
     cache_node_token: str | None = Field(None, repr=False)  # cluster token, sent as the Basic password
     cache_node_token_env: str | None = None  # ... or the environment variable holding it
     cache_node_down_seconds: float = Field(30.0, gt=0)  # a failed cache node is skipped this long
+    # Prewarm assignments: poll this service and warm the chunk cache with what it assigns.
+    prewarm: PrewarmAgentConfig | None = None
 
     @model_validator(mode="after")
     def _one_token(self) -> NodeConfig:

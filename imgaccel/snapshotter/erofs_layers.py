@@ -46,9 +46,10 @@ from pathlib import Path
 
 from imgaccel.formats.erofs import WRITER_VERSION, build_erofs_image
 from imgaccel.pusher.client import RegistryClient
-from imgaccel.reader.accelerated_image import AcceleratedImage
+from imgaccel.pusher.reference import ImageRef
+from imgaccel.reader.accelerated_image import AcceleratedImage, open_image
 from imgaccel.reader.chunk_cache import ChunkCache
-from imgaccel.reader.layer_reader import LayerReader
+from imgaccel.reader.layer_reader import FetchSlots, LayerReader
 from imgaccel.snapshotter import fuse_holder, kernel_path
 from imgaccel.snapshotter.blob_fs import BlobFS, FsStats
 from imgaccel.snapshotter.cache_nodes import CacheNodes
@@ -66,6 +67,7 @@ from imgaccel.snapshotter.lazy_layers import (
 )
 from imgaccel.snapshotter.metadata import Snapshot
 from imgaccel.snapshotter.mounts import is_mountpoint, mount_at, mounts, umount_or_detach
+from imgaccel.snapshotter.prewarm_agent import PrewarmAgent
 from imgaccel.snapshotter.status import FuseStatus, ImageStatus, LayerStatus, RemoteStatus
 
 log = logging.getLogger(__name__)
@@ -87,7 +89,7 @@ class ErofsLayers:
         self._stack = AsyncExitStack()
         self._client_lock = asyncio.Lock()
         self.keychain: Keychain | None = None  # credentials of CRI pulls (the daemon's, with its CRI proxy)
-        cache = ChunkCache(config.cache_dir, memory=CHUNK_CACHE_MEMORY)
+        self.cache = cache = ChunkCache(config.cache_dir, memory=CHUNK_CACHE_MEMORY)
         self.cache_nodes = CacheNodes.from_config(config)  # blob bytes come through them first (None: none)
         if self.cache_nodes is not None:
             self._stack.push_async_callback(self.cache_nodes.close)
@@ -98,6 +100,9 @@ class ErofsLayers:
         self._users: defaultdict[str, set[str]] = defaultdict(set)  # layer hex -> snapshot names
         self._restoring: list[asyncio.Task[None]] = []
         self.fallbacks: Counter[str] = Counter()  # why Prepares were left to containerd's pull
+        self.prewarm: PrewarmAgent | None = None
+        if config.prewarm is not None:
+            self.prewarm = PrewarmAgent(config.prewarm, self._open_for_prewarm, self._client)
 
     # -- lifecycle (called by the daemon) ------------------------------------------------------
 
@@ -124,6 +129,14 @@ class ErofsLayers:
         # In the background: BlobFS holds the kernel's READs of a known file until its source
         # is added again, so the daemon need not wait for the registry before serving.
         self._restoring = [asyncio.create_task(self._restore(s)) for s in served if s.remote_dir]
+        if self.prewarm is not None:
+            self.prewarm.start()
+
+    async def _open_for_prewarm(self, ref: ImageRef, platform: str) -> AcceleratedImage:
+        """``ref`` opened as a pull opens it (cache nodes, chunk cache), for a prewarm assignment."""
+        client = await self._client(ref.registry)
+        fetcher = self.cache_nodes.fetcher(client) if self.cache_nodes is not None else None
+        return await open_image(client, ref, platform, self.cache, FetchSlots(), fetcher)
 
     async def _restore(self, snap: Snapshot) -> None:
         try:
@@ -137,6 +150,8 @@ class ErofsLayers:
         """Stop serving; the FUSE and EROFS mounts stay for the next daemon."""
         for task in self._restoring:
             task.cancel()
+        if self.prewarm is not None:
+            await self.prewarm.close()
         self.images.close()
         if self.blobs is not None:
             log.info("FUSE requests served: %s", fuse_summary(self.blobs.stats))
@@ -305,6 +320,7 @@ class ErofsLayers:
             counters=dataclasses.asdict(self.images.counters),
             fallbacks=dict(self.fallbacks),
             cache_nodes=self.cache_nodes.status() if self.cache_nodes is not None else [],
+            prewarm=self.prewarm.describe() if self.prewarm is not None else None,
         )
 
 

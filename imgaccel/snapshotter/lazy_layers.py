@@ -26,8 +26,9 @@ import errno
 import hashlib
 import logging
 import os
+from bisect import bisect_right
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -202,10 +203,26 @@ class LayerTar:
     reader: LayerReader
     registry: str
     local: Path | None = None  # the verified local copy, once it exists
+    # Where each regular file's data lies in the tar (starts, ends; sorted), built at the first
+    # read: the kernel reads a file as consecutive reads of this tar, and readahead must stop
+    # at the end of that file, not run on into the next files (which no profile names).
+    _files: tuple[list[int], list[int]] | None = field(default=None, init=False, repr=False)
 
     @property
     def size(self) -> int:
         return self.reader.index.uncompressed_size
+
+    def data_end(self, offset: int, size: int) -> int:
+        """Where readahead of a read at ``offset`` stops: the end of the data of the file the
+        read is in, or the end of the read itself outside any file's data (headers, padding)."""
+        if self._files is None:
+            spans = sorted(
+                (e.offset, e.offset + e.size) for e in self.reader.index.entries if e.type == "reg" and e.size
+            )
+            self._files = ([a for a, _ in spans], [b for _, b in spans])
+        starts, ends = self._files
+        i = bisect_right(starts, offset) - 1
+        return ends[i] if i >= 0 and offset < ends[i] else offset + size
 
     async def read(self, offset: int, size: int) -> bytes:
         if offset >= self.size:
@@ -221,7 +238,7 @@ class LayerTar:
                             self.reader.blob_digest, self.local, e)  # fmt: skip
                 self.local = None
         try:
-            return await self.reader.read(offset, size)
+            return await self.reader.read(offset, size, self.data_end(offset, size))
         except Exception as e:
             raise OSError(errno.EIO, f"registry {self.registry}: {e}") from e
 

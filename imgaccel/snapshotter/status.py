@@ -18,6 +18,8 @@ import aiohttp
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from imgaccel.formats.prewarm import NodeReport
+
 from .sockets import prepare_socket
 
 STATUS_VERSION = 1
@@ -65,6 +67,17 @@ class CacheNodeStatus(BaseModel):
     last_error: str
 
 
+class PrewarmStatus(BaseModel):
+    """The prewarm agent: the service it polls and the assignments it works on."""
+
+    service: str
+    node_name: str
+    labels: dict[str, str]
+    polls: int  # answered polls
+    last_error: str | None  # why the last poll failed (None: it succeeded)
+    assignments: list[NodeReport]  # running, and finished ones not yet reported
+
+
 class RemoteStatus(BaseModel):
     """What the lazy-layer side (``ErofsLayers.describe``) reports."""
 
@@ -75,6 +88,7 @@ class RemoteStatus(BaseModel):
     counters: dict[str, int] = {}  # profile replays, recordings, background fetches, failures
     fallbacks: dict[str, int] = {}  # why layers were left to containerd's normal pull, and how often
     cache_nodes: list[CacheNodeStatus] = []  # where blob bytes are fetched from before the registry
+    prewarm: PrewarmStatus | None = None
 
 
 class NodeStatus(RemoteStatus):
@@ -190,6 +204,12 @@ def render(s: NodeStatus) -> list[str]:
             f"  {cn.address} {health}; fetched {_size(cn.bytes_fetched)} in {cn.requests} requests,"
             f" {cn.failures} failures"
         )
+    if s.prewarm is not None:
+        p = s.prewarm
+        state = f"polling failed: {p.last_error}" if p.last_error else f"{p.polls} polls answered"
+        lines.append(f"prewarm: node {p.node_name} of {p.service}; {state}")
+        lines += [f"  task {a.task_id} {a.reference}: {a.state} {_size(a.bytes_done)}/{_size(a.bytes_total)}"
+                  + (f" {a.error}" if a.error else "") for a in p.assignments]  # fmt: skip
     counters = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in s.counters.items())
     lines.append(f"warm-up: {counters or 'nothing yet'}")
     if s.fallbacks:

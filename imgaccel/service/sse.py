@@ -1,0 +1,64 @@
+"""Server-sent events for the service's API: the latest record of a job or prewarm task on
+every change, until it is finished.
+
+``Watchers.publish(key, snapshot)`` hands a snapshot to every open stream of ``key``;
+``Watchers.stream`` answers one ``GET .../events``: the first snapshot at once, then each
+change (a burst of changes sends only the newest), a keep-alive comment every
+``KEEPALIVE`` seconds (re-reading the record then, in case a change came from elsewhere), and
+the end of the stream after a final snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+KEEPALIVE = 15.0
+Snapshot = dict[str, Any]
+
+
+class Watchers:
+    def __init__(self) -> None:
+        self._queues: defaultdict[str, set[asyncio.Queue[Snapshot]]] = defaultdict(set)
+
+    def publish(self, key: str, snapshot: Callable[[], Snapshot]) -> None:
+        """``snapshot`` is called only when someone watches ``key``."""
+        queues = self._queues.get(key)
+        if queues:
+            made = snapshot()
+            for q in list(queues):
+                q.put_nowait(made)
+
+    async def stream(self, request: web.Request, key: str, event: str, first: Snapshot,
+                     final: Callable[[Snapshot], bool], reread: Callable[[], Snapshot | None],
+                     min_interval: float = 0.0) -> web.StreamResponse:  # fmt: skip
+        """Stream ``key``'s snapshots as ``event`` events, at most one per ``min_interval`` s."""
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        queue: asyncio.Queue[Snapshot] = asyncio.Queue()
+        self._queues[key].add(queue)
+        try:
+            snapshot = first
+            while True:
+                while not queue.empty():  # a burst of changes: only the newest is sent
+                    snapshot = queue.get_nowait()
+                await resp.write(f"event: {event}\ndata: {json.dumps(snapshot)}\n\n".encode())
+                if final(snapshot):
+                    break
+                try:
+                    snapshot = await asyncio.wait_for(queue.get(), KEEPALIVE)
+                except TimeoutError:
+                    await resp.write(b": keep-alive\n\n")
+                    snapshot = reread() or snapshot
+                if min_interval:
+                    await asyncio.sleep(min_interval)
+        finally:
+            self._queues[key].discard(queue)
+            if not self._queues[key]:
+                del self._queues[key]
+        return resp
