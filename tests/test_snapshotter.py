@@ -35,7 +35,14 @@ from imgaccel.snapshotter.api.containerd.services.snapshots.v1 import snapshots_
 from imgaccel.snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from imgaccel.snapshotter.api.runtime.v1 import api_pb2 as cri
 from imgaccel.snapshotter.api.runtime.v1 import api_pb2_grpc as cri_grpc
-from imgaccel.snapshotter.config import ConfigError, CriProxyConfig, NodeConfig, containerd_snippet, load_node_config
+from imgaccel.snapshotter.config import (
+    ConfigError,
+    CriProxyConfig,
+    NodeConfig,
+    PrewarmAgentConfig,
+    containerd_snippet,
+    load_node_config,
+)
 from imgaccel.snapshotter.daemon import Daemon
 from imgaccel.snapshotter.erofs_layers import unmount_all
 from imgaccel.snapshotter.metadata import (
@@ -355,15 +362,24 @@ def test_node_config(tmp_path: Path) -> None:
     assert r.exit_code == 2 and "bogus" in r.output
 
 
-def test_the_reference_config_lists_every_field_at_its_default() -> None:
+def test_the_reference_config_lists_every_field_at_its_default(monkeypatch: pytest.MonkeyPatch) -> None:
     """deploy/node.yaml documents the node configuration: every field, each at its default."""
     text = (REPO / "deploy" / "node.yaml").read_text()
     assert set(yaml.safe_load(text)) == set(NodeConfig.model_fields)
     assert load_node_config(REPO / "deploy" / "node.yaml") == NodeConfig()
-    for line in text.splitlines():  # the commented-out cri_proxy example holds CriProxyConfig's defaults
-        if line.startswith("#     ") and ":" in line:
-            key, _, value = line[1:].split("#")[0].strip().partition(":")
-            assert str(getattr(CriProxyConfig(), key)) == value.strip(), line
+
+    def example(key: str) -> list[str]:  # the commented-out example above "<key>: null"
+        lines = text.splitlines()
+        end = lines.index(f"{key}: null")
+        start = lines.index(f"#   {key}:", 0, end)
+        return [line[1:] for line in lines[start + 1 : end]]
+
+    for line in example("cri_proxy"):  # it holds CriProxyConfig's defaults
+        key, _, value = line.split("#")[0].strip().partition(":")
+        assert str(getattr(CriProxyConfig(), key)) == value.strip(), line
+    monkeypatch.setenv("PREWARM_NODE_TOKEN", "x")
+    prewarm = yaml.safe_load("\n".join(line.removeprefix("  ") for line in example("prewarm")))
+    assert PrewarmAgentConfig.model_validate(prewarm).node_name == "gpu-node-17"
 
 
 # -- real containerd ---------------------------------------------------------------------------------------
