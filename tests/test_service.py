@@ -266,3 +266,23 @@ def test_sigkill_mid_conversion_resumes(quiet_registry: Registry, tmp_path: Path
         service.stop()
     finally:
         proxy.stop()
+
+
+def test_the_replicas_deployment_example_is_a_valid_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    import yaml
+
+    from imgaccel.service.service_config import ServiceConfig
+    from tests.helpers import ROOT
+
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "service.yaml").read_text()))
+    assert [d["kind"] for d in docs] == ["ConfigMap", "Deployment", "Service"]
+    for name in ("PGPASSWORD", "REGISTRY_PASSWORD", "EVENTS_TOKEN", "API_TOKEN"):
+        monkeypatch.setenv(name, "x")
+    config = ServiceConfig.model_validate(yaml.safe_load(docs[0]["data"]["imgaccel.yaml"]))
+    assert config.store.url == "postgresql://imgaccel@postgres.imgaccel.svc:5432/imgaccel"
+    assert docs[1]["spec"]["replicas"] == 3
+    probes = docs[1]["spec"]["template"]["spec"]["containers"][0]
+    assert (
+        probes["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        and probes["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    )

@@ -23,10 +23,11 @@ err = Console(stderr=True)
 @click.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
               help="YAML config (default: the embedded defaults).")  # fmt: skip
-def serve(config_path: Path | None) -> None:
+@click.option("--migrate", is_flag=True, help="Create or upgrade the PostgreSQL schema (store.url), then exit.")
+def serve(config_path: Path | None, migrate: bool) -> None:
     """Run the conversion service: registry events in, accelerated images out."""
     from imgaccel.cli.common import fail
-    from imgaccel.service.service import ServiceStartError
+    from imgaccel.service.service import ServiceStartError, migrate_only
     from imgaccel.service.service import serve as run
 
     try:
@@ -36,6 +37,9 @@ def serve(config_path: Path | None) -> None:
     if logging.getLogger().level > logging.INFO:
         logging.getLogger().setLevel(logging.INFO)
     try:
+        if migrate:
+            click.echo(asyncio.run(migrate_only(config)))
+            return
         run(config)
     except ServiceStartError as e:
         fail(str(e))

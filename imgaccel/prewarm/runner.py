@@ -51,7 +51,7 @@ from imgaccel.formats.sizes import format_size
 from imgaccel.prewarm.config import PrewarmConfig
 from imgaccel.prewarm.limits import AdaptiveLimit, Pacer
 from imgaccel.prewarm.planner import PlanError, plan_image, summarize
-from imgaccel.prewarm.store import PrewarmStore
+from imgaccel.prewarm.store import PrewarmStore, StoreUnavailable
 from imgaccel.pusher.auth import Credentials
 from imgaccel.pusher.client import RETRY_STATUSES, RegistryClient, RetryPolicy
 from imgaccel.pusher.errors import RegistryError
@@ -70,6 +70,8 @@ CACHE_NODE_USER = "imgaccel-prewarm"
 BATCH_BYTES = 4 << 20  # hot chunks asked in one multi-range request, together at most this much
 BATCH_RANGES = 64
 SAVE_INTERVAL = 0.5  # seconds between progress writes of one task
+STALE_PLANNING = 600.0  # a task still "planning" this long after creation was abandoned
+RESUME_INTERVAL = 2.0  # seconds between looks for tasks whose replica is gone (shared stores)
 Batch = list[tuple[int, int, str | None]]  # hot chunks of one request: (offset, length, compressed digest)
 _FETCH_ERRORS = (RegistryError, aiohttp.ClientError, asyncio.TimeoutError, OSError)
 
@@ -91,6 +93,8 @@ class _Running:
     last_save: float = 0.0
     throttles: int = 0
     clients: list[RegistryClient] = field(default_factory=list)
+    dirty: bool = False  # progress not yet written
+    writer: asyncio.Task[None] | None = None
 
 
 class PrewarmRunner:
@@ -107,68 +111,83 @@ class PrewarmRunner:
 
     # -- lifecycle -----------------------------------------------------------------------
 
-    def start(self) -> None:
-        for task in self.store.in_states(("planning",)):
-            self._finish(task, "failed", "the service stopped while planning it; create it again")
-        for task in self.store.in_states(("running", "throttled")):
-            task.state, task.message = "queued", "resumed after a restart of the service"
+    async def start(self) -> None:
+        self.store.start()
+        for task in await self.store.in_states(("planning",)):
+            if time.time() - task.created_at > STALE_PLANNING:
+                await self._finish(task, "failed", "the service stopped while planning it; create it again")
+        await self._resume()
+        self._loop_task = asyncio.create_task(self._loop())
+
+    async def _resume(self) -> None:
+        """Tasks whose replica is gone (this one, restarted, or another) run again."""
+        for task in await self.store.resume():
+            task.message = "resumed: the service that ran it stopped"
             for t in task.targets:
                 if t.kind == "cachenode" and t.state not in TERMINAL_TARGET:
                     t.state, t.bytes_done, t.error = "pending", 0, None
-            self.store.save(task)
-            log.info("prewarm %s: resumed after a restart", task.id)
-        self._loop_task = asyncio.create_task(self._loop())
+            await self.store.save(task)
+            log.info("prewarm %s: resumed", task.id)
 
     async def stop(self) -> None:
         if self._loop_task is not None:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
-        for run in list(self._running.values()):
+        runs = list(self._running.values())
+        for run in runs:
             if run.job is not None:
                 run.job.cancel()
-        for run in list(self._running.values()):
-            if run.job is not None:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await run.job
+        for run in runs:
+            for work in (run.job, run.writer):  # the last progress write too, before the store closes
+                if work is not None:
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await work
+        await self.store.close()
 
     async def _loop(self) -> None:
+        last_resume = time.monotonic()
         while True:
-            for task in self.store.in_states(("queued",)):
-                if len(self._running) >= self.config.max_running:
-                    break
-                self._launch(task)
+            try:
+                while task := await self.store.claim(self.config.max_running):
+                    await self._launch(task)
+                if self.store.shared and time.monotonic() - last_resume > RESUME_INTERVAL:
+                    last_resume = time.monotonic()
+                    await self._resume()
+            except StoreUnavailable as e:  # a database outage: try again shortly
+                log.warning("prewarm: %s", e)
             self.wakeup.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wakeup.wait(), 1.0)
 
-    def _launch(self, task: Task) -> None:
+    async def _launch(self, task: Task) -> None:
         task.state, task.message, task.attempts = "running", None, task.attempts + 1
         task.started_at = task.started_at or time.time()
         task.concurrency = task.spec.registry_concurrency or self.config.registry_concurrency
         run = _Running(task, AdaptiveLimit(task.concurrency), Pacer(task.spec.bandwidth))
         self._running[task.id] = run
-        self._save(run, force=True)
+        await self.store.save(task)
+        self.publish(task)
         run.job = asyncio.create_task(self._run(run))
 
     # -- creating ------------------------------------------------------------------------
 
     async def create(self, spec: TaskSpec, dry_run: bool = False) -> tuple[Task, Plan]:
         """Plan ``spec`` and store it as a queued task (``dry_run``: plan only). TaskRefused."""
-        spec = self._with_template(spec)
+        spec = await self._with_template(spec)
         if not spec.images:
             raise TaskRefused("no images: name at least one reference or a template")
         if spec.credentials is not None and spec.credentials not in self.config.credentials:
             raise TaskRefused(f"credentials {spec.credentials!r} are not configured (prewarm.credentials)")
-        kind, targets = self._targets(spec)
+        kind, targets = await self._targets(spec)
         task = Task(id=uuid.uuid4().hex[:12], spec=spec, state="planning", created_at=time.time())
         if not dry_run:
-            self.store.save(task)
+            await self.store.save(task)
         try:
             images = await self._plan_images(spec, need_accelerated=kind == "node")
         except TaskRefused as e:
             if not dry_run:
-                self._finish(task, "failed", str(e))
+                await self._finish(task, "failed", str(e))
             raise TaskRefused(str(e), task=task) from None
         plan = summarize(images, targets, kind, self.config.quota)
         if plan.total_bytes > plan.quota:
@@ -178,21 +197,21 @@ class PrewarmRunner:
             )
             if not dry_run:
                 task.plan = plan
-                self._finish(task, "failed", f"refused: {message}")
+                await self._finish(task, "failed", f"refused: {message}")
             raise TaskRefused(message, plan, task)
         task.plan = plan
         task.targets = [self._target(name, kind, images, plan) for name in targets]
         task.state = "queued"
         if not dry_run:
-            self.store.save(task)
+            await self.store.save(task)
             self.publish(task)
             self.wakeup.set()
         return task, plan
 
-    def _with_template(self, spec: TaskSpec) -> TaskSpec:
+    async def _with_template(self, spec: TaskSpec) -> TaskSpec:
         if spec.template is None:
             return spec
-        template = self.store.template(spec.template)
+        template = await self.store.template(spec.template)
         if template is None:
             raise TaskRefused(f"no template named {spec.template!r}")
         given = spec.model_dump(include=spec.model_fields_set - {"template"})
@@ -200,13 +219,13 @@ class PrewarmRunner:
             given.pop("images", None)
         return template.spec.model_copy(update=given)
 
-    def _targets(self, spec: TaskSpec) -> tuple[str, list[str]]:
+    async def _targets(self, spec: TaskSpec) -> tuple[str, list[str]]:
         if spec.nodes is None:
             if not self.config.cache_nodes:
                 raise TaskRefused("no cache nodes are configured (prewarm.cache_nodes) and no node selector was given")
             return "cachenode", [c.address for c in self.config.cache_nodes]
         requirements = parse_selector(spec.nodes)
-        seen = self.store.nodes(time.time() - self.config.node_seen_seconds)
+        seen = await self.store.nodes(time.time() - self.config.node_seen_seconds)
         names = [n.name for n in seen if selector_matches(requirements, n.labels)]
         if not names:
             known = ", ".join(f"{n.name} {n.labels}" for n in seen[:10]) or "none"
@@ -244,8 +263,9 @@ class PrewarmRunner:
 
     # -- user actions --------------------------------------------------------------------
 
-    def cancel(self, task_id: str) -> Task | None:
-        task = self.store.get(task_id)
+    async def cancel(self, task_id: str) -> Task | None:
+        """Cancel ``task_id`` (run here or by another replica, which sees it at its next save)."""
+        task = await self.store.get(task_id)
         if task is None or task.state in TERMINAL_TASK:
             return task
         run = self._running.get(task_id)
@@ -255,33 +275,40 @@ class PrewarmRunner:
         for t in task.targets:
             if t.state not in TERMINAL_TARGET:
                 t.state = "cancelled"
-        self._finish(task, "cancelled", None)
+        await self._finish(task, "cancelled", None)
         return task
 
-    def save_template(self, task_id: str, name: str) -> Template:
-        task = self.store.get(task_id)
+    async def save_template(self, task_id: str, name: str) -> Template:
+        task = await self.store.get(task_id)
         if task is None:
             raise KeyError(task_id)
         images = [i.reference for i in task.plan.images] if task.plan else task.spec.images
         spec = task.spec.model_copy(update={"images": images, "template": None})
         template = Template(name=name, spec=spec, source_task=task.id, created_at=time.time())
-        self.store.save_template(template)
+        await self.store.save_template(template)
         return template
 
     # -- node polls ----------------------------------------------------------------------
 
-    def node_poll(self, name: str, poll: NodePoll) -> NodePollAnswer:
+    async def node_poll(self, name: str, poll: NodePoll) -> NodePollAnswer:
+        """Any replica answers: the node's reports are stored (the replica running the task
+        merges them), its assignments read from the running tasks."""
         now = time.time()
-        self.store.save_node(NodeRecord(name=name, labels=poll.labels, last_seen=now))
+        await self.store.save_node(NodeRecord(name=name, labels=poll.labels, last_seen=now))
+        done: set[tuple[str, str]] = set()
         for report in poll.reports:
-            self._apply_report(name, report, now)
+            await self.store.add_report(name, report)
+            if report.state in TERMINAL_TARGET:
+                done.add((report.task_id, report.reference))
+            if (run := self._running.get(report.task_id)) is not None:
+                self._apply_report(run, name, report, now)
         assignments = []
-        for task in self.store.in_states(("running", "throttled")):
+        for task in await self.store.in_states(("running", "throttled")):
             target = _find_target(task, name)
             if target is None or target.state in TERMINAL_TARGET or task.plan is None:
                 continue
             for image, progress in zip(task.plan.images, target.images, strict=True):
-                if progress.state in TERMINAL_TARGET:
+                if progress.state in TERMINAL_TARGET or (task.id, image.reference) in done:
                     continue
                 assignments.append(Assignment(
                     task_id=task.id, reference=image.reference, top_digest=image.top_digest,
@@ -290,24 +317,24 @@ class PrewarmRunner:
                 ))  # fmt: skip
         return NodePollAnswer(assignments=assignments, poll_seconds=self.config.node_poll_seconds)
 
-    def _apply_report(self, node: str, report: NodeReport, now: float) -> None:
-        run = self._running.get(report.task_id)
-        task = run.task if run is not None else self.store.get(report.task_id)
-        if task is None or task.state in TERMINAL_TASK:
+    def _apply_report(self, run: _Running, node: str, report: NodeReport, now: float) -> None:
+        task = run.task
+        if task.state in TERMINAL_TASK:
             return
         target = _find_target(task, node)
         if target is None or target.state in TERMINAL_TARGET:
             return
+        changed = False
         for image in target.images:
             if image.reference == report.reference and image.state not in TERMINAL_TARGET:
-                image.state, image.bytes_done, image.error = report.state, report.bytes_done, report.error
-                image.bytes_total = report.bytes_total or image.bytes_total
-        _roll_up(target)
-        target.updated_at = now
-        if run is not None:
+                new = (report.state, report.bytes_done, report.error, report.bytes_total or image.bytes_total)
+                if new != (image.state, image.bytes_done, image.error, image.bytes_total):
+                    image.state, image.bytes_done, image.error, image.bytes_total = new
+                    changed = True
+        if changed:  # a node silent (or stuck) for node_timeout fails
+            _roll_up(target)
+            target.updated_at = now
             self._save(run)
-        else:
-            self.store.save(task)
 
     # -- running -------------------------------------------------------------------------
 
@@ -322,32 +349,52 @@ class PrewarmRunner:
             failed = [t for t in task.targets if t.state != "succeeded"]
             if failed:
                 detail = "; ".join(f"{t.name}: {t.error or t.state}" for t in failed[:5])
-                self._finish(task, "failed", f"{len(failed)} of {len(task.targets)} targets failed: {detail}")
+                await self._finish(task, "failed", f"{len(failed)} of {len(task.targets)} targets failed: {detail}")
             else:
-                self._finish(task, "succeeded", None)
+                await self._finish(task, "succeeded", None)
         except asyncio.CancelledError:
             raise
+        except StoreUnavailable as e:  # its lease lapses: this or another replica runs it again
+            log.error("prewarm %s: the store failed (%s); the task will run again", task.id, e)
+            self.store.release(task.id)
         except Exception as e:  # a bug must not leave the task "running" forever
             log.exception("prewarm %s: failed", task.id)
-            self._finish(task, "failed", f"internal error: {type(e).__name__}: {e}")
+            await self._finish(task, "failed", f"internal error: {type(e).__name__}: {e}")
         finally:
             for client in run.clients:
                 await client.close()
             self._running.pop(task.id, None)
             self.wakeup.set()
 
-    def _finish(self, task: Task, state: str, error: str | None) -> None:
+    async def _finish(self, task: Task, state: str, error: str | None) -> None:
         task.state, task.error, task.finished_at = state, error, time.time()  # type: ignore[assignment]
-        self.store.save(task)
+        await self.store.save(task)
         self.publish(task)
         log.info("prewarm %s: %s%s", task.id, state, f": {error}" if error else "")
 
     def _save(self, run: _Running, force: bool = False) -> None:
+        """Publish the task's progress, and write it (at most every ``SAVE_INTERVAL`` s unless
+        ``force``) in the run's one background writer. A write the store refuses (the task was
+        cancelled through another replica) stops the run."""
+        self.publish(run.task)
         now = time.monotonic()
         if force or now - run.last_save >= SAVE_INTERVAL:
             run.last_save = now
-            self.store.save(run.task)
-        self.publish(run.task)
+            run.dirty = True
+            if run.writer is None or run.writer.done():
+                run.writer = asyncio.ensure_future(self._write(run))
+
+    async def _write(self, run: _Running) -> None:
+        while run.dirty:
+            run.dirty = False
+            try:
+                saved = await self.store.save(run.task)
+            except StoreUnavailable as e:
+                log.warning("prewarm %s: progress not saved: %s", run.task.id, e)
+                continue
+            if not saved and run.job is not None and not run.job.done():
+                log.info("prewarm %s: ended elsewhere (cancelled); stopping here", run.task.id)
+                run.job.cancel()
 
     def _throttled(self, run: _Running, retry_after: float | None) -> float:
         """A 429 came back: show it, halve the requests in flight; the seconds to wait."""
@@ -478,6 +525,11 @@ class PrewarmRunner:
                 t.updated_at = max(t.updated_at, started)
         while True:
             now = time.time()
+            try:  # reports that reached other replicas (the ones this replica got are applied already)
+                for node, report in await self.store.reports(task.id):
+                    self._apply_report(run, node, report, now)
+            except StoreUnavailable as e:
+                log.warning("prewarm %s: %s", task.id, e)
             for t in task.targets:
                 if t.state not in TERMINAL_TARGET and now - t.updated_at > self.config.node_timeout:
                     t.state = "failed"

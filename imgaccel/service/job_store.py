@@ -1,9 +1,8 @@
 """Durable conversion jobs and outbound notification deliveries.
 
-``JobStore`` is the interface the service and workers use; ``SQLiteJobStore`` (WAL mode, one
-file in the data directory) is the embedded default. A shared store for several replicas
-(e.g. PostgreSQL with ``SELECT ... FOR UPDATE SKIP LOCKED`` in ``claim``) implements the same
-methods; nothing else changes.
+``JobStore`` is the (async) interface the service and workers use; ``SQLiteJobStore`` (WAL
+mode, one file in the data directory) is the embedded default for one replica, and
+``service.postgres_store.PostgresJobStore`` the store several replicas share (``store.url``).
 
 A job is keyed by (registry, repository, manifest digest, mode, format version): however many
 events name an image, it is one job. Tags seen for that digest accumulate on the job.
@@ -11,16 +10,20 @@ events name an image, it is one job. Tags seen for that digest accumulate on the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from imgaccel.prewarm.store import StoreUnavailable as StoreUnavailable  # one error for the jobs' and the tasks' store
+
 # What a store raises when it cannot read or write (the service answers 503 for these).
-STORE_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error,)
+STORE_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, StoreUnavailable)
 
 JobState = Literal["queued", "running", "succeeded", "failed", "skipped"]
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "skipped"})
@@ -73,38 +76,53 @@ class Delivery:
 
 
 class JobStore(Protocol):
-    def enqueue(
+    shared: bool  # several replicas use it: a change may come from another process
+
+    def start(self) -> None:
+        """Background work of the store (lease heartbeats); call inside the event loop."""
+
+    async def close(self) -> None: ...
+
+    async def enqueue(
         self, registry: str, repository: str, digest: str, tag: str | None, mode: str, options: dict[str, Any], key: str
     ) -> tuple[Job, bool]:
         """The job for ``key``, created if new (True). A new tag on a finished job requeues it."""
 
-    def get(self, job_id: str) -> Job | None: ...
+    async def get(self, job_id: str) -> Job | None: ...
 
-    def list_jobs(self, state: str | None, repository: str | None, limit: int, offset: int) -> list[Job]: ...
+    async def list_jobs(self, state: str | None, repository: str | None, limit: int, offset: int) -> list[Job]: ...
 
-    def claim(self, now: float) -> Job | None:
+    async def claim(self, now: float) -> Job | None:
         """Atomically move the oldest due queued job to running (attempts + 1)."""
 
-    def save(self, job: Job) -> None:
+    async def save(self, job: Job) -> None:
         """Persist every field of ``job`` (its tags are merged with the stored ones)."""
 
-    def requeue_running(self, max_attempts: int) -> tuple[int, int]:
-        """After a crash: running jobs go back to queued, except those that already had
-        ``max_attempts`` attempts, which fail (a job that stops the service each time must
-        not loop). Returns (requeued, failed)."""
+    async def requeue_running(self, max_attempts: int) -> tuple[int, int]:
+        """At start-up: running jobs whose runner is gone go back to queued, except those that
+        already had ``max_attempts`` attempts, which fail (a job that stops the service each
+        time must not loop). Returns (requeued, failed)."""
 
-    def counts(self) -> dict[str, int]: ...
+    async def counts(self) -> dict[str, int]: ...
 
-    def add_delivery(self, delivery: Delivery) -> None: ...
+    async def add_delivery(self, delivery: Delivery) -> None: ...
 
-    def due_deliveries(self, now: float, limit: int) -> list[Delivery]: ...
+    async def due_deliveries(self, now: float, limit: int) -> list[Delivery]:
+        """Pending deliveries due now, claimed for this process."""
 
-    def save_delivery(self, delivery: Delivery) -> None: ...
+    async def save_delivery(self, delivery: Delivery) -> None: ...
 
-    def deliveries(self, job_id: str) -> list[Delivery]: ...
+    async def deliveries(self, job_id: str) -> list[Delivery]: ...
 
-    def ping(self) -> None:
+    async def ping(self) -> None:
         """A write round trip: raises when the store cannot record jobs (for /readyz)."""
+
+    def release(self, job_id: str) -> None:
+        """This process no longer works on the job (it could not save it): its lease may lapse."""
+
+    def lock(self, name: str) -> contextlib.AbstractAsyncContextManager[bool]:
+        """Whether this process holds the lock ``name`` among all users of the store, for the
+        ``async with`` block (one reconciler pass at a time)."""
 
 
 _SCHEMA = """
@@ -133,7 +151,10 @@ CREATE INDEX IF NOT EXISTS deliveries_job ON deliveries(job_id);
 
 
 class SQLiteJobStore:
-    """Jobs in one SQLite file. Indexed columns for queries; the full record as JSON."""
+    """Jobs in one SQLite file. Indexed columns for queries; the full record as JSON. One
+    replica: its calls are quick local writes, made on the event loop."""
+
+    shared = False
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -143,8 +164,18 @@ class SQLiteJobStore:
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(_SCHEMA)
 
-    def close(self) -> None:
+    def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
         self._db.close()
+
+    def release(self, job_id: str) -> None:
+        pass  # requeue_running at the next start puts it back
+
+    @contextlib.asynccontextmanager
+    async def lock(self, name: str) -> AsyncIterator[bool]:
+        yield True  # one process uses the file
 
     @staticmethod
     def _job(body: str) -> Job:
@@ -165,7 +196,7 @@ class SQLiteJobStore:
             ),
         )
 
-    def enqueue(
+    async def enqueue(
         self, registry: str, repository: str, digest: str, tag: str | None, mode: str, options: dict[str, Any], key: str
     ) -> tuple[Job, bool]:
         self._db.execute("BEGIN IMMEDIATE")
@@ -200,11 +231,11 @@ class SQLiteJobStore:
             self._db.execute("ROLLBACK")
             raise
 
-    def get(self, job_id: str) -> Job | None:
+    async def get(self, job_id: str) -> Job | None:
         row = self._db.execute("SELECT body FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return self._job(row[0]) if row else None
 
-    def list_jobs(self, state: str | None, repository: str | None, limit: int, offset: int) -> list[Job]:
+    async def list_jobs(self, state: str | None, repository: str | None, limit: int, offset: int) -> list[Job]:
         sql, args = "SELECT body FROM jobs WHERE 1=1", []
         if state:
             sql += " AND state = ?"
@@ -216,7 +247,7 @@ class SQLiteJobStore:
         rows = self._db.execute(sql, (*args, limit, offset)).fetchall()
         return [self._job(r[0]) for r in rows]
 
-    def claim(self, now: float) -> Job | None:
+    async def claim(self, now: float) -> Job | None:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             row = self._db.execute(
@@ -235,14 +266,14 @@ class SQLiteJobStore:
             self._db.execute("ROLLBACK")
             raise
 
-    def save(self, job: Job) -> None:
+    async def save(self, job: Job) -> None:
         # Tags only accumulate: a tag recorded by an event while a worker held the job survives.
         row = self._db.execute("SELECT body FROM jobs WHERE id = ?", (job.id,)).fetchone()
         if row:
             job.tags += [t for t in self._job(row[0]).tags if t not in job.tags]
         self._write(job)
 
-    def requeue_running(self, max_attempts: int) -> tuple[int, int]:
+    async def requeue_running(self, max_attempts: int) -> tuple[int, int]:
         jobs = [self._job(r[0]) for r in self._db.execute("SELECT body FROM jobs WHERE state = 'running'")]
         failed = 0
         for job in jobs:
@@ -255,22 +286,22 @@ class SQLiteJobStore:
             self._write(job)
         return len(jobs) - failed, failed
 
-    def counts(self) -> dict[str, int]:
+    async def counts(self) -> dict[str, int]:
         out = dict.fromkeys(("queued", "running", "succeeded", "failed", "skipped"), 0)
         for state, n in self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
             out[state] = n
         return out
 
-    def add_delivery(self, delivery: Delivery) -> None:
-        self.save_delivery(delivery)
+    async def add_delivery(self, delivery: Delivery) -> None:
+        await self.save_delivery(delivery)
 
-    def save_delivery(self, delivery: Delivery) -> None:
+    async def save_delivery(self, delivery: Delivery) -> None:
         self._db.execute(
             "INSERT OR REPLACE INTO deliveries (id, job_id, state, next_attempt_at, body) VALUES (?, ?, ?, ?, ?)",
             (delivery.id, delivery.job_id, delivery.state, delivery.next_attempt_at, json.dumps(asdict(delivery))),
         )
 
-    def due_deliveries(self, now: float, limit: int) -> list[Delivery]:
+    async def due_deliveries(self, now: float, limit: int) -> list[Delivery]:
         rows = self._db.execute(
             "SELECT body FROM deliveries WHERE state = 'pending' AND next_attempt_at <= ? "
             "ORDER BY next_attempt_at LIMIT ?",
@@ -278,9 +309,9 @@ class SQLiteJobStore:
         ).fetchall()
         return [Delivery(**json.loads(r[0])) for r in rows]
 
-    def deliveries(self, job_id: str) -> list[Delivery]:
+    async def deliveries(self, job_id: str) -> list[Delivery]:
         rows = self._db.execute("SELECT body FROM deliveries WHERE job_id = ?", (job_id,)).fetchall()
         return [Delivery(**json.loads(r[0])) for r in rows]
 
-    def ping(self) -> None:
+    async def ping(self) -> None:
         self._db.execute("INSERT OR REPLACE INTO probe (id, at) VALUES (1, ?)", (time.time(),))

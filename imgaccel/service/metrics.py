@@ -23,9 +23,10 @@ class _JobCounts(Collector):
 
 
 class ServiceMetrics:
-    def __init__(self, job_counts: Callable[[], dict[str, int]]) -> None:
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(_JobCounts(job_counts))
+        self._counts: dict[str, int] = {}
+        self.registry.register(_JobCounts(lambda: self._counts))
         self.duration = Histogram(
             "imgaccel_conversion_duration_seconds",
             "Wall time of successful conversions",
@@ -39,5 +40,7 @@ class ServiceMetrics:
             "imgaccel_notification_failures", "Failed webhook delivery attempts", registry=self.registry
         )
 
-    def render(self) -> bytes:
+    def render(self, job_counts: dict[str, int]) -> bytes:
+        """The text format, with the job counts just read from the store."""
+        self._counts = job_counts
         return generate_latest(self.registry)

@@ -24,7 +24,7 @@ from typing import Any
 
 import aiohttp
 
-from imgaccel.service.job_store import Delivery, Job, JobStore
+from imgaccel.service.job_store import STORE_ERRORS, Delivery, Job, JobStore
 from imgaccel.service.metrics import ServiceMetrics
 from imgaccel.service.service_config import Rule, ServiceConfig, WebhookConfig
 
@@ -87,7 +87,7 @@ class Notifier:
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
 
-    def job_finished(self, job: Job) -> None:
+    async def job_finished(self, job: Job) -> None:
         """Store one delivery per matching webhook (before anything is sent)."""
         target = intended_target(job)
         now = time.time()
@@ -95,7 +95,7 @@ class Notifier:
             if not re.search(hook.target, target):
                 continue
             delivery_id = uuid.uuid4().hex[:16]
-            self.store.add_delivery(
+            await self.store.add_delivery(
                 Delivery(
                     id=delivery_id,
                     job_id=job.id,
@@ -125,7 +125,11 @@ class Notifier:
 
     async def _loop(self) -> None:
         while True:
-            due = self.store.due_deliveries(time.time(), 50)
+            try:
+                due = await self.store.due_deliveries(time.time(), 50)
+            except STORE_ERRORS as e:  # a database outage: try again shortly
+                log.warning("notifier: %s", e)
+                due = []
             if due:
                 await asyncio.gather(*(self._send(d) for d in due))
                 continue
@@ -162,4 +166,7 @@ class Notifier:
             else:
                 backoff = min(1.0 * 2 ** (d.attempts - 1), 300.0)
                 d.next_attempt_at = time.time() + backoff * random.uniform(0.5, 1.0)
-        self.store.save_delivery(d)
+        try:
+            await self.store.save_delivery(d)
+        except STORE_ERRORS as e:  # sent again once its claim runs out: at least once, as webhooks are
+            log.warning("notification %s: state not saved: %s", d.id, e)

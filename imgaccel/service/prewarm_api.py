@@ -99,43 +99,44 @@ class PrewarmApi:
             offset = int(request.query.get("offset", "0"))
         except ValueError:
             return _error(400, "limit and offset must be integers")
-        tasks = self.runner.store.list_tasks(request.query.get("state"), limit, offset)
+        tasks = await self.runner.store.list_tasks(request.query.get("state"), limit, offset)
         return web.json_response({"tasks": [t.summary() for t in tasks], "limit": limit, "offset": offset})
 
-    def _task(self, request: web.Request) -> Task | web.Response:
+    async def _task(self, request: web.Request) -> Task | web.Response:
         if denied := self.user(request):
             return denied
-        task = self.runner.store.get(request.match_info["id"])
+        task = await self.runner.store.get(request.match_info["id"])
         return task if task is not None else _error(404, f"no prewarm task {request.match_info['id']!r}")
 
     async def show(self, request: web.Request) -> web.Response:
-        task = self._task(request)
+        task = await self._task(request)
         return task if isinstance(task, web.Response) else web.json_response(task.summary())
 
     async def cancel(self, request: web.Request) -> web.Response:
-        task = self._task(request)
+        task = await self._task(request)
         if isinstance(task, web.Response):
             return task
         if task.state in TERMINAL_TASK:
             return _error(409, f"task {task.id} is {task.state} already")
-        cancelled = self.runner.cancel(task.id)
+        cancelled = await self.runner.cancel(task.id)
         assert cancelled is not None
         return web.json_response(cancelled.summary())
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         """Server-sent events: the task's status on every change (at most ~5 a second), until it ends."""
-        task = self._task(request)
+        task = await self._task(request)
         if isinstance(task, web.Response):
             return task
 
-        def reread() -> dict[str, Any] | None:
-            latest = self.runner.store.get(task.id)
+        async def reread() -> dict[str, Any] | None:
+            latest = await self.runner.store.get(task.id)
             return latest.summary() if latest else None
 
         def final(snapshot: dict[str, Any]) -> bool:
             return snapshot["state"] in TERMINAL_TASK
 
-        return await self.watchers.stream(request, task.id, "task", task.summary(), final, reread, 0.2)
+        return await self.watchers.stream(request, task.id, "task", task.summary(), final, reread, 0.2,
+                                          shared=self.runner.store.shared)  # fmt: skip
 
     async def save_template(self, request: web.Request) -> web.Response:
         if denied := self.user(request):
@@ -148,7 +149,7 @@ class PrewarmApi:
         except (_Bad, ValueError) as e:
             return _error(400, str(e))
         try:
-            template = self.runner.save_template(body["task"], name)
+            template = await self.runner.save_template(body["task"], name)
         except KeyError:
             return _error(404, f"no prewarm task {body['task']!r}")
         return web.json_response(template.model_dump(), status=201)
@@ -156,12 +157,12 @@ class PrewarmApi:
     async def templates(self, request: web.Request) -> web.Response:
         if denied := self.user(request):
             return denied
-        return web.json_response({"templates": [t.model_dump() for t in self.runner.store.templates()]})
+        return web.json_response({"templates": [t.model_dump() for t in await self.runner.store.templates()]})
 
     async def nodes(self, request: web.Request) -> web.Response:
         if denied := self.user(request):
             return denied
-        seen = self.runner.store.nodes(0.0)
+        seen = await self.runner.store.nodes(0.0)
         now = time.time()
         return web.json_response(
             {"nodes": [{**n.model_dump(), "seen_seconds_ago": round(now - n.last_seen, 1)} for n in seen]}
@@ -179,7 +180,7 @@ class PrewarmApi:
             return _error(400, _invalid(e))
         except ValueError as e:
             return _error(400, str(e))
-        return web.json_response(self.runner.node_poll(name, poll).model_dump())
+        return web.json_response((await self.runner.node_poll(name, poll)).model_dump())
 
 
 def _schemas() -> dict[str, Any]:

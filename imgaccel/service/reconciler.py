@@ -11,20 +11,22 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from imgaccel.pusher.errors import RegistryError
+from imgaccel.service.job_store import JobStore
 from imgaccel.service.service_config import ServiceConfig
 from imgaccel.service.worker import RegistryClients
 
 log = logging.getLogger(__name__)
 
-Enqueue = Callable[[str, str, str, str | None], object]  # registry, repository, digest, tag
+Enqueue = Callable[[str, str, str, str | None], Awaitable[object]]  # registry, repository, digest, tag
 
 
 class Reconciler:
-    def __init__(self, config: ServiceConfig, clients: RegistryClients, enqueue: Enqueue) -> None:
+    def __init__(self, config: ServiceConfig, clients: RegistryClients, enqueue: Enqueue, store: JobStore) -> None:
         self.config = config
+        self.store = store
         self.clients = clients
         self.enqueue = enqueue
         self._task: asyncio.Task[None] | None = None
@@ -41,7 +43,8 @@ class Reconciler:
     async def _loop(self) -> None:
         while True:
             try:
-                n = await self.run_once()
+                async with self.store.lock("reconciler") as mine:  # one pass at a time among replicas
+                    n = await self.run_once() if mine else 0
                 if n:
                     log.info("reconciler enqueued %d image(s) without an accelerated twin", n)
             except Exception:  # keep reconciling on the next round whatever went wrong
@@ -71,6 +74,6 @@ class Reconciler:
                         continue
                     digest = await client.manifest_exists(repo, tag)
                     if digest and digest.startswith("sha256:"):
-                        self.enqueue(reg.endpoint, repo, digest, tag)
+                        await self.enqueue(reg.endpoint, repo, digest, tag)
                         found += 1
         return found

@@ -18,13 +18,14 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from imgaccel.prewarm.runner import THROTTLE_RETRY, PrewarmRunner
-from imgaccel.prewarm.store import SQLitePrewarmStore
+from imgaccel.prewarm.store import PrewarmStore, SQLitePrewarmStore
 from imgaccel.pusher.auth import Credentials
 from imgaccel.pusher.client import RegistryClient
 from imgaccel.pusher.errors import RegistryError
 from imgaccel.pusher.reference import ReferenceError, is_loopback, parse_reference, show
+from imgaccel.service.console import Console
 from imgaccel.service.events import EventError, parse_event_body
-from imgaccel.service.job_store import STORE_ERRORS, TERMINAL, Job, JobStore, SQLiteJobStore
+from imgaccel.service.job_store import STORE_ERRORS, TERMINAL, Job, JobStore, SQLiteJobStore, StoreUnavailable
 from imgaccel.service.metrics import ServiceMetrics
 from imgaccel.service.notifier import Notifier
 from imgaccel.service.openapi import OPENAPI
@@ -56,26 +57,27 @@ def _error(status: int, message: str) -> web.Response:
 
 
 class Service:
-    def __init__(self, config: ServiceConfig, store: JobStore | None = None) -> None:
+    def __init__(self, config: ServiceConfig, store: JobStore) -> None:
         self.config = config
-        self.store: JobStore = store or SQLiteJobStore(config.data_dir / "jobs.sqlite")
-        self.metrics = ServiceMetrics(self.store.counts)
+        self.store = store
+        self.metrics = ServiceMetrics()
         self.clients = RegistryClients(config)
         self.notifier = Notifier(config, self.store, self.metrics)
         self.runner = JobRunner(
             config, self.store, self.clients, self.metrics, self.publish, self.notifier.job_finished
         )
-        self.reconciler = Reconciler(config, self.clients, self.enqueue)
+        self.reconciler = Reconciler(config, self.clients, self.enqueue, store)
         self.prewarm = PrewarmRunner(
-            config.prewarm, SQLitePrewarmStore(config.data_dir / "jobs.sqlite"), self._prewarm_client,
+            config.prewarm, _prewarm_store(config, store), self._prewarm_client,
             lambda task: self.prewarm_api.publish(task),
         )  # fmt: skip
         self.prewarm_api = PrewarmApi(self.prewarm, self._api_auth, self._node_auth)
         self.watchers = Watchers()
+        self.console = Console(self)
 
     # -- jobs ----------------------------------------------------------------------------
 
-    def enqueue(self, registry: str, repository: str, digest: str, tag: str | None) -> tuple[Job | None, str]:
+    async def enqueue(self, registry: str, repository: str, digest: str, tag: str | None) -> tuple[Job | None, str]:
         """Create (or find) the job for this image; (None, reason) when no rule wants it."""
         if repository == self.config.cache_repo:
             return None, "the conversion-record repository"
@@ -83,7 +85,7 @@ class Service:
         if rule is None:
             return None, f"no enabled rule matches {repository}:{tag or digest}"
         key = job_key(registry, repository, digest, rule.mode)
-        job, _created = self.store.enqueue(registry, repository, digest, tag, rule.mode, rule.model_dump(), key)
+        job, _created = await self.store.enqueue(registry, repository, digest, tag, rule.mode, rule.model_dump(), key)
         self.runner.wakeup.set()
         return job, "queued"
 
@@ -128,7 +130,7 @@ class Service:
             if registry is None:
                 skipped.append(f"{push.registry or '?'}/{push.repository}: not a configured registry")
                 continue
-            job, reason = self.enqueue(registry, push.repository, push.digest, push.tag)
+            job, reason = await self.enqueue(registry, push.repository, push.digest, push.tag)
             if job is None:
                 skipped.append(reason)
             else:
@@ -137,7 +139,7 @@ class Service:
         return web.json_response({"jobs": jobs, "ignored": skipped}, status=202 if jobs else 200)
 
     def _api_auth(self, request: web.Request) -> web.Response | None:
-        if not _authorized(self.config.api_auth, request):
+        if not (_authorized(self.config.api_auth, request) or self.console.authorized(request)):
             return _error(401, "missing or wrong credential")
         return None
 
@@ -157,18 +159,18 @@ class Service:
             docker_config=credentials is None, retry=THROTTLE_RETRY, max_connections=reg.max_connections,
         )  # fmt: skip
 
-    def _requested_job(self, request: web.Request) -> Job | web.Response:
+    async def _requested_job(self, request: web.Request) -> Job | web.Response:
         """The job named in the path, or the 401/404 response to send instead."""
         if denied := self._api_auth(request):
             return denied
-        job = self.store.get(request.match_info["id"])
+        job = await self.store.get(request.match_info["id"])
         return job if job is not None else _error(404, "no such job")
 
-    def _job_json(self, job: Job) -> dict[str, Any]:
+    async def _job_json(self, job: Job) -> dict[str, Any]:
         out = job.to_json()
         out["deliveries"] = [
             {"url": d.url, "state": d.state, "attempts": d.attempts, "last_error": d.last_error}
-            for d in self.store.deliveries(job.id)
+            for d in await self.store.deliveries(job.id)
         ]
         return out
 
@@ -180,14 +182,14 @@ class Service:
             offset = int(request.query.get("offset", "0"))
         except ValueError:
             return _error(400, "limit and offset must be integers")
-        jobs = self.store.list_jobs(request.query.get("state"), request.query.get("repository"), limit, offset)
+        jobs = await self.store.list_jobs(request.query.get("state"), request.query.get("repository"), limit, offset)
         return web.json_response({"jobs": [j.to_json() for j in jobs], "limit": limit, "offset": offset})
 
     async def get_job(self, request: web.Request) -> web.Response:
-        job = self._requested_job(request)
+        job = await self._requested_job(request)
         if isinstance(job, web.Response):
             return job
-        return web.json_response(self._job_json(job))
+        return web.json_response(await self._job_json(job))
 
     async def create_job(self, request: web.Request) -> web.Response:
         if denied := self._api_auth(request):
@@ -215,36 +217,37 @@ class Service:
             return _error(502, str(e))
         if not digest or not digest.startswith("sha256:"):
             return _error(404, f"{ref}: manifest not found")
-        job, reason = self.enqueue(registry, ref.repository, digest, ref.tag if not ref.digest else None)
+        job, reason = await self.enqueue(registry, ref.repository, digest, ref.tag if not ref.digest else None)
         if job is None:
             return _error(422, reason)
-        return web.json_response(self._job_json(job), status=202)
+        return web.json_response(await self._job_json(job), status=202)
 
     async def retry_job(self, request: web.Request) -> web.Response:
-        job = self._requested_job(request)
+        job = await self._requested_job(request)
         if isinstance(job, web.Response):
             return job
         if job.state not in TERMINAL:
             return _error(409, f"job is {job.state}")
         job.state, job.attempts, job.next_attempt_at, job.last_error, job.skip_reason = "queued", 0, 0.0, None, None
-        self.store.save(job)
+        await self.store.save(job)
         self.runner.wakeup.set()
-        return web.json_response(self._job_json(job), status=202)
+        return web.json_response(await self._job_json(job), status=202)
 
     async def job_events(self, request: web.Request) -> web.StreamResponse:
         """Server-sent events: the job's record on every change, until it is finished."""
-        job = self._requested_job(request)
+        job = await self._requested_job(request)
         if isinstance(job, web.Response):
             return job
 
-        def reread() -> dict[str, Any] | None:
-            latest = self.store.get(job.id)
+        async def reread() -> dict[str, Any] | None:
+            latest = await self.store.get(job.id)
             return latest.to_json() if latest else None
 
         def final(snapshot: dict[str, Any]) -> bool:
             return snapshot["state"] in TERMINAL
 
-        return await self.watchers.stream(request, job.id, "job", self._job_json(job), final, reread)
+        first = await self._job_json(job)
+        return await self.watchers.stream(request, job.id, "job", first, final, reread, shared=self.store.shared)
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -252,7 +255,7 @@ class Service:
     async def readyz(self, request: web.Request) -> web.Response:
         problems = []
         try:
-            self.store.ping()
+            await self.store.ping()
         except Exception as e:
             problems.append(f"job store cannot write: {e}")
         for reg in self.config.registries:
@@ -268,7 +271,8 @@ class Service:
         return web.json_response({"ready": True, "problems": []})
 
     async def metrics_handler(self, request: web.Request) -> web.Response:
-        return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
+        body = self.metrics.render(await self.store.counts())
+        return web.Response(body=body, content_type="text/plain", charset="utf-8")
 
     async def openapi(self, request: web.Request) -> web.Response:
         return web.json_response(OPENAPI)
@@ -282,7 +286,7 @@ class Service:
             return await handler(request)
         except STORE_ERRORS as e:
             log.error("%s %s: job store: %s", request.method, request.path, e)
-            return _error(503, f"job store unavailable: {e}")
+            return _error(503, f"job store unavailable: {str(e).removeprefix('job store: ')}")
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.config.max_body, middlewares=[self._store_errors])
@@ -297,15 +301,17 @@ class Service:
         app.router.add_get("/metrics", self.metrics_handler)
         app.router.add_get("/openapi.json", self.openapi)
         self.prewarm_api.add_routes(app)
+        self.console.add_routes(app)
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
         return app
 
     async def _start(self, app: web.Application) -> None:
-        self.runner.start()
+        self.store.start()
+        await self.runner.start()
         self.notifier.start()
         self.reconciler.start()
-        self.prewarm.start()
+        await self.prewarm.start()
 
     async def _stop(self, app: web.Application) -> None:
         await self.prewarm.stop()
@@ -313,18 +319,75 @@ class Service:
         await self.runner.stop()
         await self.notifier.stop()
         await self.clients.close()
+        await self.store.close()
+
+
+def _prewarm_store(config: ServiceConfig, store: JobStore) -> PrewarmStore:
+    """Prewarm tasks live where the jobs do."""
+    from imgaccel.service.postgres_store import PostgresJobStore
+
+    if isinstance(store, PostgresJobStore):
+        from imgaccel.prewarm.postgres_store import PostgresPrewarmStore
+
+        return PostgresPrewarmStore(store.pool, config.store.lease_seconds)
+    return SQLitePrewarmStore(config.data_dir / "jobs.sqlite")
 
 
 class ServiceStartError(Exception):
-    """The service cannot start (e.g. its data_dir cannot hold the job store); one line."""
+    """The service cannot start (its data_dir cannot hold the job store, the database cannot be
+    reached); one line."""
+
+
+async def open_store(config: ServiceConfig) -> JobStore:
+    """The configured job store: PostgreSQL (``store.url``, migrated) or SQLite in data_dir."""
+    if config.store.url is not None:
+        from imgaccel.service.postgres_store import PostgresJobStore
+
+        s = config.store
+        try:
+            return await PostgresJobStore.open(
+                config.store.url, s.password.get() if s.password else None, s.pool_min, s.pool_max, s.timeout,
+                s.lease_seconds, config.retry.attempts, schema="migrate" if s.migrate == "auto" else "check",
+            )  # fmt: skip
+        except StoreUnavailable as e:
+            raise ServiceStartError(str(e)) from None
+    try:
+        return SQLiteJobStore(config.data_dir / "jobs.sqlite")
+    except (OSError, sqlite3.Error) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ServiceStartError(f"data_dir {config.data_dir}: cannot keep the job store there: {reason}") from e
+
+
+async def migrate_only(config: ServiceConfig) -> str:
+    """``imgaccel serve --migrate``: bring the PostgreSQL schema up to date, then return."""
+    if config.store.url is None:
+        return "nothing to migrate: the job store is SQLite (its schema is made at start)"
+    from imgaccel.service.postgres_store import SCHEMA_VERSION, PostgresJobStore
+
+    s = config.store
+    try:
+        store = await PostgresJobStore.open(config.store.url, s.password.get() if s.password else None, 1, 1, s.timeout,
+                                            s.lease_seconds, config.retry.attempts, schema="none")  # fmt: skip
+        try:
+            found = await store.migrate()
+        finally:
+            await store.close()
+    except StoreUnavailable as e:
+        raise ServiceStartError(str(e)) from None
+    return (
+        f"job store schema: version {found} -> {SCHEMA_VERSION}"
+        if found != SCHEMA_VERSION
+        else (f"job store schema: version {SCHEMA_VERSION}, up to date")
+    )
 
 
 def serve(config: ServiceConfig) -> None:
     host, port = config.host_port
-    try:
-        service = Service(config)
-    except (OSError, sqlite3.Error) as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise ServiceStartError(f"data_dir {config.data_dir}: cannot keep the job store there: {reason}") from e
-    log.info("imgaccel serve on %s:%d, data in %s", host, port, config.data_dir)
-    web.run_app(service.app(), host=host, port=port, print=lambda *_: None, access_log=None)
+
+    async def application() -> web.Application:
+        service = Service(config, await open_store(config))
+        log.info("imgaccel serve on %s:%d, %s", host, port,
+                 "jobs in PostgreSQL" if config.store.url else f"data in {config.data_dir}")  # fmt: skip
+        return service.app()
+
+    web.run_app(application(), host=host, port=port, print=lambda *_: None, access_log=None)

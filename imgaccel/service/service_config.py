@@ -156,6 +156,26 @@ class WebhookConfig(_Strict):
         return v
 
 
+class StoreConfig(_Strict):
+    """Where jobs live: SQLite in data_dir (no url: one replica), or a PostgreSQL database that
+    several replicas share."""
+
+    url: str | None = None  # postgresql://user@host:5432/db (no password here: use password)
+    password: Secret | None = None
+    pool_min: int = Field(default=1, ge=0, le=100)  # connections per replica
+    pool_max: int = Field(default=10, ge=1, le=200)
+    timeout: float = Field(default=10.0, gt=0)  # seconds to connect or run one statement
+    lease_seconds: float = Field(default=60.0, ge=3)  # a dead replica's jobs run again after this
+    migrate: Literal["auto", "off"] = "auto"  # auto: at start, under an advisory lock; off: `serve --migrate`
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"postgres(ql)?://[^\s:@/]+@[^\s/]+/[^\s/?]+(\?[^\s]*)?", v):
+            raise ValueError("expected postgresql://USER@HOST[:PORT]/DATABASE (the password goes in 'password')")
+        return v
+
+
 class ServiceConfig(_Strict):
     listen: str = "127.0.0.1:8080"
     data_dir: Path = Path("imgaccel-data")
@@ -172,6 +192,7 @@ class ServiceConfig(_Strict):
     limits: ConversionLimits = ConversionLimits()  # what one image may declare
     isolation: IsolationConfig = IsolationConfig()
     prewarm: PrewarmConfig = PrewarmConfig()
+    store: StoreConfig = StoreConfig()
 
     @field_validator("cache_repo")
     @classmethod

@@ -4,8 +4,9 @@ every change, until it is finished.
 ``Watchers.publish(key, snapshot)`` hands a snapshot to every open stream of ``key``;
 ``Watchers.stream`` answers one ``GET .../events``: the first snapshot at once, then each
 change (a burst of changes sends only the newest), a keep-alive comment every
-``KEEPALIVE`` seconds (re-reading the record then, in case a change came from elsewhere), and
-the end of the stream after a final snapshot.
+``KEEPALIVE`` seconds (re-reading the record then, in case a change came from elsewhere; every
+``SHARED_POLL`` seconds when replicas share the store), and the end of the stream after a final
+snapshot.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
 KEEPALIVE = 15.0
+SHARED_POLL = 1.0  # seconds between re-reads when the store is shared by several replicas
 Snapshot = dict[str, Any]
 
 
@@ -35,9 +37,11 @@ class Watchers:
                 q.put_nowait(made)
 
     async def stream(self, request: web.Request, key: str, event: str, first: Snapshot,
-                     final: Callable[[Snapshot], bool], reread: Callable[[], Snapshot | None],
-                     min_interval: float = 0.0) -> web.StreamResponse:  # fmt: skip
-        """Stream ``key``'s snapshots as ``event`` events, at most one per ``min_interval`` s."""
+                     final: Callable[[Snapshot], bool], reread: Callable[[], Awaitable[Snapshot | None]],
+                     min_interval: float = 0.0, shared: bool = False) -> web.StreamResponse:  # fmt: skip
+        """Stream ``key``'s snapshots as ``event`` events, at most one per ``min_interval`` s.
+        ``shared``: the record may change in another replica, so it is re-read every
+        ``SHARED_POLL`` seconds (a replica publishes only its own changes)."""
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         queue: asyncio.Queue[Snapshot] = asyncio.Queue()
@@ -51,10 +55,10 @@ class Watchers:
                 if final(snapshot):
                     break
                 try:
-                    snapshot = await asyncio.wait_for(queue.get(), KEEPALIVE)
+                    snapshot = await asyncio.wait_for(queue.get(), SHARED_POLL if shared else KEEPALIVE)
                 except TimeoutError:
                     await resp.write(b": keep-alive\n\n")
-                    snapshot = reread() or snapshot
+                    snapshot = await reread() or snapshot
                 if min_interval:
                     await asyncio.sleep(min_interval)
         finally:

@@ -21,7 +21,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack, suppress
 
 from imgaccel.converter.errors import ConversionError, NotConvertible
@@ -39,7 +39,7 @@ from imgaccel.service.isolated_job import (
     options_to_wire,
     run_isolated,
 )
-from imgaccel.service.job_store import Job, JobStore
+from imgaccel.service.job_store import STORE_ERRORS, Job, JobStore
 from imgaccel.service.metrics import ServiceMetrics
 from imgaccel.service.service_config import ProfileRule, Rule, ServiceConfig
 
@@ -88,7 +88,7 @@ class JobRunner:
         clients: RegistryClients,
         metrics: ServiceMetrics,
         publish: Callable[[Job], None],
-        on_finished: Callable[[Job], None],
+        on_finished: Callable[[Job], Awaitable[None]],
     ) -> None:
         self.config = config
         self.store = store
@@ -100,8 +100,8 @@ class JobRunner:
         self._tasks: list[asyncio.Task[None]] = []
         self._swept: asyncio.Task[None] | None = None  # leftovers of profile runs, cleared at start
 
-    def start(self) -> None:
-        requeued, failed = self.store.requeue_running(self.config.retry.attempts)
+    async def start(self) -> None:
+        requeued, failed = await self.store.requeue_running(self.config.retry.attempts)
         if requeued:
             log.warning("resuming %d job(s) that were running when the service stopped", requeued)
         if failed:
@@ -132,7 +132,11 @@ class JobRunner:
 
     async def _loop(self, n: int) -> None:
         while True:
-            job = self.store.claim(time.time())
+            try:
+                job = await self.store.claim(time.time())
+            except STORE_ERRORS as e:  # a database outage: claim again shortly
+                log.warning("worker %d: %s", n, e)
+                job = None
             if job is None:
                 self.wakeup.clear()
                 with suppress(TimeoutError):
@@ -143,9 +147,16 @@ class JobRunner:
                 await self._run(job)
             except asyncio.CancelledError:
                 raise
+            except STORE_ERRORS as e:  # its lease lapses; this or another replica runs it again
+                log.error("job %s: the job store failed (%s); the job will run again", job.id, e)
+                self.store.release(job.id)
             except Exception:  # never let a bug kill the worker; the job records it
                 log.exception("job %s: unexpected error", job.id)
-                self._retry_or_fail(job, "internal error (see the service log)")
+                try:
+                    await self._retry_or_fail(job, "internal error (see the service log)")
+                except STORE_ERRORS as e:
+                    log.error("job %s: the job store failed (%s); the job will run again", job.id, e)
+                    self.store.release(job.id)
 
     async def _convert(self, job: Job, ref: ImageRef, options: ConvertOptions, progress: Progress) -> IsolatedResult:
         isolation = self.config.isolation
@@ -181,23 +192,26 @@ class JobRunner:
         try:
             ref = ImageRef(job.registry, job.repository, tag=first_tag, digest=job.digest)
             options = rule.options(self.config.cache_repo, self.config.limits)
-            result = await self._convert(job, ref, options, progress.callbacks())
+            try:
+                result = await self._convert(job, ref, options, progress.callbacks())
+            finally:
+                await progress.drain()
             client = await self.clients.get(job.registry)
             done = {first_tag}
-            while pending := [t for t in self._stored_tags(job) if t not in done]:  # tags that arrived meanwhile
+            while pending := [t for t in await self._stored_tags(job) if t not in done]:  # tags that arrived meanwhile
                 for tag in pending:
                     await _retag(client, job, result.digest, f"{tag}{rule.suffix}")
                     done.add(tag)
         except NotConvertible as e:
             job.state, job.skip_reason, job.finished_at = "skipped", str(e), time.time()
-            self.store.save(job)
+            await self.store.save(job)
             self.publish(job)
             return
         except (ConversionLimitError, ReferenceError) as e:  # retrying cannot help
-            self._fail(job, str(e))
+            await self._fail(job, str(e))
             return
         except (ConversionError, RegistryError, OSError) as e:
-            self._retry_or_fail(job, str(e))
+            await self._retry_or_fail(job, str(e))
             return
         if rule.profile is not None:
             await self._profile(job, rule.profile, result.digest)
@@ -206,12 +220,12 @@ class JobRunner:
         job.layers = result.layers_converted + result.layers_reused
         job.bytes_in, job.bytes_out = result.bytes_in, result.bytes_out
         job.size_before, job.size_after = result.size_before, result.size_after
-        self.store.save(job)
+        await self.store.save(job)
         self.metrics.duration.observe(time.monotonic() - started)
         self.metrics.bytes_in.inc(result.bytes_in)
         self.metrics.bytes_out.inc(result.bytes_out)
         self.publish(job)
-        self.on_finished(job)
+        await self.on_finished(job)
 
     async def _profile(self, job: Job, rule: ProfileRule, digest: str) -> None:
         """The profile step (``auto_profile``) for the converted image ``digest``: its outcome
@@ -224,7 +238,7 @@ class JobRunner:
         job.progress["profile"] = outcome.to_progress()
         level = logging.WARNING if outcome.state == "failed" else logging.INFO
         log.log(level, "job %s: %s/%s@%s: %s", job.id, job.registry, job.repository, digest, outcome.describe())
-        self.store.save(job)
+        await self.store.save(job)
         self.publish(job)
 
     async def _profile_outcome(self, job: Job, rule: ProfileRule, digest: str) -> auto_profile.ProfileOutcome:
@@ -258,28 +272,28 @@ class JobRunner:
         )
         return await auto_profile.record_profile(request, job.id)
 
-    def _stored_tags(self, job: Job) -> list[str]:
-        stored = self.store.get(job.id)
+    async def _stored_tags(self, job: Job) -> list[str]:
+        stored = await self.store.get(job.id)
         return stored.tags if stored else job.tags
 
-    def _retry_or_fail(self, job: Job, error: str) -> None:
+    async def _retry_or_fail(self, job: Job, error: str) -> None:
         job.last_error = error
         retry = self.config.retry
         if job.attempts < retry.attempts:
             backoff = min(retry.base_delay * 2 ** (job.attempts - 1), retry.max_delay)
             job.state, job.next_attempt_at = "queued", time.time() + backoff * random.uniform(0.5, 1.0)
             log.info("job %s attempt %d failed (%s); retrying", job.id, job.attempts, error)
-            self.store.save(job)
+            await self.store.save(job)
             self.publish(job)
             return
-        self._fail(job, error)
+        await self._fail(job, error)
 
-    def _fail(self, job: Job, error: str) -> None:
+    async def _fail(self, job: Job, error: str) -> None:
         job.state, job.finished_at, job.last_error = "failed", time.time(), error
         log.warning("job %s failed after %d attempt(s): %s", job.id, job.attempts, error)
-        self.store.save(job)
+        await self.store.save(job)
         self.publish(job)
-        self.on_finished(job)
+        await self.on_finished(job)
 
 
 async def _retag(client: RegistryClient, job: Job, digest: str, target_tag: str) -> None:
@@ -289,12 +303,16 @@ async def _retag(client: RegistryClient, job: Job, digest: str, target_tag: str)
 
 
 class _JobProgress:
-    """Per-layer progress on the job record, saved and published as it moves."""
+    """Per-layer progress on the job record, saved and published as it moves. Progress
+    callbacks are synchronous: saves run in one background task that writes the job's latest
+    state (``drain`` waits for it)."""
 
     def __init__(self, job: Job, store: JobStore, publish: Callable[[Job], None]) -> None:
         self.job, self.store, self.publish = job, store, publish
         job.progress = {"layers_started": 0, "layers_done": 0, "layers_reused": 0, "bytes_total": 0, "bytes_done": 0}
         self._last = 0.0
+        self._dirty = False
+        self._saving: asyncio.Task[None] | None = None
 
     def callbacks(self) -> Progress:
         return Progress(on_layer_start=self._start, on_bytes=self._bytes, on_layer_done=self._done)
@@ -307,8 +325,8 @@ class _JobProgress:
     def _bytes(self, n: int) -> None:
         self.job.progress["bytes_done"] += n
         if time.monotonic() - self._last > 0.5:
-            self.publish(self.job)
             self._last = time.monotonic()
+            self._save()  # (other replicas' watchers read progress from the store)
 
     def _done(self, digest: str, reused: bool) -> None:
         self.job.progress["layers_done"] += 1
@@ -317,5 +335,19 @@ class _JobProgress:
         self._save()
 
     def _save(self) -> None:
-        self.store.save(self.job)
         self.publish(self.job)
+        self._dirty = True
+        if self._saving is None or self._saving.done():
+            self._saving = asyncio.ensure_future(self._flush())
+
+    async def _flush(self) -> None:
+        while self._dirty:
+            self._dirty = False
+            try:
+                await self.store.save(self.job)
+            except STORE_ERRORS as e:  # progress only: the job's own saves report the outage
+                log.warning("job %s: progress not saved: %s", self.job.id, e)
+
+    async def drain(self) -> None:
+        if self._saving is not None:
+            await self._saving
