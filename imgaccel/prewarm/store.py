@@ -44,6 +44,17 @@ CREATE TABLE IF NOT EXISTS prewarm_reports (
 """
 
 
+def open_sqlite(path: Path, schema: str) -> sqlite3.Connection:
+    """The service's SQLite file (made if new) in autocommit, WAL mode, with ``schema`` applied."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
+    db.execute("PRAGMA busy_timeout=5000")
+    db.executescript(schema)
+    return db
+
+
 class PrewarmStore(Protocol):
     shared: bool  # several replicas use it
 
@@ -96,12 +107,7 @@ class SQLitePrewarmStore:
     shared = False
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(_SCHEMA)
+        self._db = open_sqlite(path, _SCHEMA)
 
     def start(self) -> None:
         pass

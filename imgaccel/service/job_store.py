@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from imgaccel.prewarm.store import StoreUnavailable as StoreUnavailable  # one error for the jobs' and the tasks' store
+from imgaccel.prewarm.store import StoreUnavailable as StoreUnavailable
+from imgaccel.prewarm.store import open_sqlite  # one error for the jobs' and the tasks' store
 
 # What a store raises when it cannot read or write (the service answers 503 for these).
 STORE_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, StoreUnavailable)
@@ -157,12 +158,7 @@ class SQLiteJobStore:
     shared = False
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(_SCHEMA)
+        self._db = open_sqlite(path, _SCHEMA)
 
     def start(self) -> None:
         pass

@@ -31,6 +31,14 @@ def _error(status: int, message: str, **extra: Any) -> web.Response:
     return web.json_response({"error": message, **extra}, status=status)
 
 
+def page_of(request: web.Request) -> tuple[int, int] | web.Response:
+    """``limit`` (at most 500, default 50) and ``offset`` of a list request, or the 400 to send."""
+    try:
+        return min(int(request.query.get("limit", "50")), 500), int(request.query.get("offset", "0"))
+    except ValueError:
+        return _error(400, "limit and offset must be integers")
+
+
 def _invalid(e: ValidationError) -> str:
     first = e.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "(body)"
@@ -94,11 +102,10 @@ class PrewarmApi:
     async def list_tasks(self, request: web.Request) -> web.Response:
         if denied := self.user(request):
             return denied
-        try:
-            limit = min(int(request.query.get("limit", "50")), 500)
-            offset = int(request.query.get("offset", "0"))
-        except ValueError:
-            return _error(400, "limit and offset must be integers")
+        page = page_of(request)
+        if isinstance(page, web.Response):
+            return page
+        limit, offset = page
         tasks = await self.runner.store.list_tasks(request.query.get("state"), limit, offset)
         return web.json_response({"tasks": [t.summary() for t in tasks], "limit": limit, "offset": offset})
 

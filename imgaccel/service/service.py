@@ -29,7 +29,7 @@ from imgaccel.service.job_store import STORE_ERRORS, TERMINAL, Job, JobStore, SQ
 from imgaccel.service.metrics import ServiceMetrics
 from imgaccel.service.notifier import Notifier
 from imgaccel.service.openapi import OPENAPI
-from imgaccel.service.prewarm_api import PrewarmApi
+from imgaccel.service.prewarm_api import PrewarmApi, page_of
 from imgaccel.service.reconciler import Reconciler
 from imgaccel.service.service_config import InboundAuth, ServiceConfig
 from imgaccel.service.sse import Watchers
@@ -177,11 +177,10 @@ class Service:
     async def list_jobs(self, request: web.Request) -> web.Response:
         if denied := self._api_auth(request):
             return denied
-        try:
-            limit = min(int(request.query.get("limit", "50")), 500)
-            offset = int(request.query.get("offset", "0"))
-        except ValueError:
-            return _error(400, "limit and offset must be integers")
+        page = page_of(request)
+        if isinstance(page, web.Response):
+            return page
+        limit, offset = page
         jobs = await self.store.list_jobs(request.query.get("state"), request.query.get("repository"), limit, offset)
         return web.json_response({"jobs": [j.to_json() for j in jobs], "limit": limit, "offset": offset})
 
