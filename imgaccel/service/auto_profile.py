@@ -67,6 +67,7 @@ from imgaccel.pusher.reference import ImageRef
 from imgaccel.reader.accelerated_image import AcceleratedImage, host_platform_label, open_image
 from imgaccel.reader.merged_view import PathError
 from imgaccel.reader.profiles import build_profile, push_profile
+from imgaccel.service.child_process import relay_stderr, spawn_module
 from imgaccel.snapshotter import image_mount
 from imgaccel.snapshotter.mounts import MS_NODEV, MS_NOSUID, mount, mount_at, mounts, umount_or_detach
 
@@ -80,7 +81,6 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  #
 CAPABILITIES = ["CAP_AUDIT_WRITE", "CAP_KILL"]  # runc's default set without CAP_NET_BIND_SERVICE
 MAX_CONFIG = 8 << 20  # bytes of image config read
 MAX_USER_TABLE = 1 << 20  # bytes of /etc/passwd or /etc/group read
-MAX_LINE = 1 << 20  # bytes of one line from the child
 ProfileState = Literal["pushed", "skipped", "failed"]
 
 
@@ -218,20 +218,13 @@ async def record_profile(request: ProfileRequest, job_id: str = "") -> ProfileOu
 
 async def _run_child(request: ProfileRequest, job_id: str) -> ProfileOutcome:
     timeout = request.seconds + SETUP_GRACE
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "imgaccel.service.auto_profile",
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        start_new_session=True,
-        limit=MAX_LINE,
-    )
+    proc = await spawn_module("imgaccel.service.auto_profile")
     assert proc.stdin and proc.stdout and proc.stderr
     lines: list[bytes] = []
     tail: deque[str] = deque(maxlen=20)
-    readers = asyncio.gather(_read_lines(proc.stdout, lines), _relay_log(proc.stderr, tail, job_id))
+    readers = asyncio.gather(
+        _read_lines(proc.stdout, lines), relay_stderr(proc.stderr, tail, f"job {job_id} profile", logging.DEBUG)
+    )
     try:
         proc.stdin.write(request.model_dump_json().encode())
         proc.stdin.close()
@@ -252,13 +245,6 @@ async def _run_child(request: ProfileRequest, job_id: str) -> ProfileOutcome:
 async def _read_lines(stream: asyncio.StreamReader, into: list[bytes]) -> None:
     while line := await stream.readline():
         into.append(line)
-
-
-async def _relay_log(stream: asyncio.StreamReader, tail: deque[str], job_id: str) -> None:
-    while line := await stream.readline():
-        text = line.decode(errors="replace").rstrip()
-        tail.append(text)
-        log.debug("job %s profile: %s", job_id, text)
 
 
 async def _stop_child(proc: asyncio.subprocess.Process) -> None:

@@ -40,9 +40,9 @@ from imgaccel.converter.image_converter import ImageConverter, Progress
 from imgaccel.converter.options import ConversionLimits, ConvertOptions
 from imgaccel.pusher.errors import RegistryError
 from imgaccel.pusher.reference import ImageRef
+from imgaccel.service.child_process import relay_stderr, spawn_module
 
 log = logging.getLogger(__name__)
-MAX_LINE = 1 << 20  # bytes of one line from the child
 
 
 class ConversionLimitError(ConversionError):
@@ -98,17 +98,8 @@ class IsolatedResult:
 async def run_isolated(request: JobRequest, timeout: float, progress: Progress, job_id: str = "") -> IsolatedResult:
     """Convert in a child process; raises ``NotConvertible``, ``ConversionError`` (retryable)
     or ``ConversionLimitError`` (not retryable)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "imgaccel.service.isolated_job",
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        start_new_session=True,  # its own process group: a kill takes its helpers too
-        limit=MAX_LINE,
-        env={**os.environ, "MALLOC_ARENA_MAX": "2"},  # glibc reserves 64 MiB of address space per arena
-    )
+    # glibc reserves 64 MiB of address space per arena (RLIMIT_AS counts it): two arenas
+    proc = await spawn_module("imgaccel.service.isolated_job", {**os.environ, "MALLOC_ARENA_MAX": "2"})
     assert proc.stdin and proc.stdout and proc.stderr
     stderr_tail: deque[str] = deque(maxlen=20)
     outcome: dict[str, Any] = {}
@@ -131,14 +122,7 @@ async def run_isolated(request: JobRequest, timeout: float, progress: Progress, 
             elif kind in ("result", "error"):
                 outcome.update(event)
 
-    async def read_stderr() -> None:
-        assert proc.stderr
-        while line := await proc.stderr.readline():
-            text = line.decode(errors="replace").rstrip()
-            stderr_tail.append(text)
-            log.info("job %s: %s", job_id, text)
-
-    readers = asyncio.gather(read_stdout(), read_stderr())
+    readers = asyncio.gather(read_stdout(), relay_stderr(proc.stderr, stderr_tail, f"job {job_id}", logging.INFO))
     try:
         proc.stdin.write(request.model_dump_json().encode())
         proc.stdin.close()
