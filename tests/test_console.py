@@ -6,9 +6,7 @@ refusal with its plan, templates, and the nodes page. Screenshots go to
 
 from __future__ import annotations
 
-import asyncio
-import os
-import shutil
+import gzip
 import threading
 import time
 import urllib.error
@@ -19,75 +17,34 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
-from fixtures.build_images import push, unique_image
-from imgaccel.service.job_store import SQLiteJobStore
-from imgaccel.service.service_config import Rule
-from tests.registry import Registry
-from tests.service import ServiceProcess, make_service
+from fixtures.build_images import Layout, push, unique_image
+from tests.browser import WHY, By, Page, Select, artifacts_dir, chromium
+from tests.fault_proxy import FaultProxy
+from tests.registry import free_port, start_registry
+from tests.service import ServiceProcess, WebhookReceiver, make_service
+from tests.tar_forge import Header, Member, forge
+from tests.test_bad_input import GZ
+from tests.test_prewarm import CacheNodeProcess
+from tests.test_service import notifications
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-try:
-    from selenium import webdriver
-    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
-    from selenium.webdriver.chrome.service import Service as ChromeService
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select
-
-    WHY = ""
-except ImportError:
-    WHY = "selenium is not installed (pip install selenium)"
-for _path, _what in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver (chromedriver)")):
-    if not WHY and not os.path.exists(_path):
-        WHY = f"{_what} is not installed (apt-get install chromium chromium-driver)"
 pytestmark = [pytest.mark.skipif(bool(WHY), reason=WHY or "-"), pytest.mark.timeout(180)]
 
 API_TOKEN = "console-api-token-0123"
 NODE_TOKEN = "console-node-token-0123"
-EVIL_ERROR = "<script>window.pwned = 1</script> conversion failed"
-EVIL_REPO = "evil/<img src=x onerror=window.pwned=2>"
+EVENTS_TOKEN = "console-events-token-0123"
+CLUSTER_TOKEN = "console-cluster-token-0123"
+EVIL_NAME = b"<script>window.pwned=1</script><img src=x onerror=window.pwned=2>"
 BULK = 60  # nodes labelled card=a10: a task to all of them is over the quota
 
 
 @dataclass
-class Env:
-    service: ServiceProcess
-    registry: Registry
-    driver: Any
-    shots: Path
-    evil_job: str
+class Env(Page):
+    service: ServiceProcess = field(default=None)  # type: ignore[assignment]
+    proxy: FaultProxy = field(default=None)  # type: ignore[assignment]  # the registry, as the service sees it
+    hook: WebhookReceiver = field(default=None)  # type: ignore[assignment]
     state: dict[str, Any] = field(default_factory=dict)
-
-    def get(self, path: str) -> None:
-        self.driver.get(self.service.url + path)
-
-    def shot(self, name: str) -> Path:
-        path = self.shots / f"console-{name}.png"
-        self.driver.save_screenshot(str(path))
-        return path
-
-    def until(self, predicate: Any, timeout: float = 60, what: str = "condition") -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                got = predicate()
-            except (NoSuchElementException, StaleElementReferenceException):
-                got = None
-            if got:
-                return got
-            time.sleep(0.2)
-        self.shot("timeout")
-        raise AssertionError(f"timed out waiting for {what}; log: {self.service.log_path.read_text()[-2000:]}")
-
-    def text(self, css: str) -> str:
-        """The element's text; retried while the page reloads itself (a task that ended)."""
-        for _ in range(50):
-            try:
-                return str(self.driver.find_element(By.CSS_SELECTOR, css).text)
-            except (NoSuchElementException, StaleElementReferenceException):
-                time.sleep(0.1)
-        return str(self.driver.find_element(By.CSS_SELECTOR, css).text)
 
 
 class FakeNode(threading.Thread):
@@ -129,60 +86,66 @@ class FakeNode(threading.Thread):
                 print(f"fake node {self.name}: {e}")
 
 
-def _seed_evil_job(data_dir: Path) -> str:
-    """A failed job whose repository and error hold markup, as a user-controlled registry could."""
-
-    async def seed() -> str:
-        store = SQLiteJobStore(data_dir / "jobs.sqlite")
-        try:
-            job, _ = await store.enqueue("127.0.0.1:1", EVIL_REPO, "sha256:" + "0" * 64, "v1", "index",
-                                         Rule().model_dump(), "console-evil")  # fmt: skip
-            job.state, job.last_error, job.attempts = "failed", EVIL_ERROR, 1
-            job.started_at = job.finished_at = time.time()
-            await store.save(job)
-            return job.id
-        finally:
-            await store.close()
-
-    return asyncio.run(seed())
-
-
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory, registry: Registry) -> Iterator[Env]:
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    """A registry that notifies a token-protected service with prewarm nodes and a webhook."""
     work = tmp_path_factory.mktemp("console")
-    shots = Path(os.environ.get("IMGACCEL_TEST_ARTIFACTS") or work / "screenshots")
-    shots.mkdir(parents=True, exist_ok=True)
-    evil = _seed_evil_job(work / "service" / "data")
+    port = free_port()
+    registry = start_registry(work / "registry", notifications(port, EVENTS_TOKEN))
+    proxy = FaultProxy(registry.host, _slow_first_blob_reads).start()  # pushes go through it too
+    hook = WebhookReceiver().start()
+    cache_port = free_port()
+    (work / "cachenode.yaml").write_text(yaml.safe_dump({
+        "listen": f"127.0.0.1:{cache_port}", "data_dir": str(work / "cachenode"),
+        "cluster_tokens": [{"value": CLUSTER_TOKEN}], "upstreams": [{"host": proxy.host}],
+    }))  # fmt: skip
+    cache_node = CacheNodeProcess(work / "cachenode.yaml", cache_port, work / "cachenode.log")
+    cache_node.start()
     service = make_service(work / "service", {
         "workers": 1, "reconcile_interval": 0,
+        "registries": [{"endpoint": proxy.host, "repositories": ["*"]}],
+        "events_auth": {"token": {"value": EVENTS_TOKEN}},
         "api_auth": {"token": {"value": API_TOKEN}},
         "retry": {"attempts": 1, "base_delay": 1, "max_delay": 1, "request_attempts": 2},
+        "webhooks": [{"url": hook.url, "target": "_accelerated$"}],
         "prewarm": {"node_token": {"value": NODE_TOKEN}, "node_poll_seconds": 0.5, "node_seen_seconds": 600,
-                    "quota": "25MB"},
-    }, token=API_TOKEN).start()  # fmt: skip
+                    "quota": "25MB", "cache_nodes": [{"address": cache_node.address}],
+                    "cache_node_token": {"value": CLUSTER_TOKEN}},
+    }, token=API_TOKEN, port=port).start()  # fmt: skip
     nodes = [FakeNode(service, "gpu-1", {"region": "r1", "card": "h200"})]
     nodes[0].poll()
     nodes[0].start()
     for i in range(BULK):
         FakeNode(service, f"bulk-{i}", {"region": "r1", "card": "a10"}).poll()
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1500"):
-        opts.add_argument(arg)
-    driver = webdriver.Chrome(service=ChromeService(CHROMEDRIVER), options=opts)
     try:
-        yield Env(service, registry, driver, shots, evil)
+        with chromium() as driver:
+            yield Env(driver, service.url, artifacts_dir(work / "screenshots"), service.log_path, service, proxy, hook)
     finally:
-        driver.quit()
         nodes[0].stopped.set()
         service.stop()
+        hook.stop()
+        cache_node.stop()
+        proxy.stop()
+        registry.stop()
 
 
-def test_login_and_a_job_followed_live(env: Env, tmp_path: Path) -> None:
+def _slow_first_blob_reads(method: str, path: str, n: int) -> str | None:
+    """The first read of each blob of console/* waits 3 s: jobs stay running long enough to watch."""
+    return "slow" if method == "GET" and path.startswith("/v2/console/") and "/blobs/" in path and n == 1 else None
+
+
+def _row_of(env: Env, repository: str) -> str:
+    """The id of the job row (in the live job list) whose source is ``repository``."""
+    for row in env.driver.find_elements(By.CSS_SELECTOR, "#jobs tr[data-id]"):
+        if f"/{repository}:" in row.text:
+            return str(row.get_attribute("data-id"))
+    return ""
+
+
+def test_login_and_pushed_images_followed_live(env: Env, tmp_path: Path) -> None:
     d = env.driver
     env.get("/ui/")
     assert d.current_url.endswith("/ui/login")
-    env.get("/ui/login")
     d.find_element(By.ID, "token").send_keys("wrong")
     d.find_element(By.CSS_SELECTOR, "form.card button").click()
     assert "wrong token" in env.text("[role=alert]")
@@ -193,51 +156,83 @@ def test_login_and_a_job_followed_live(env: Env, tmp_path: Path) -> None:
     cookie = d.get_cookie("imgaccel_session")
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/ui"
     assert API_TOKEN not in cookie["value"] and API_TOKEN not in d.current_url
-    # Without the session the API under /ui is closed.
+    # Without the session the live updates are closed.
     with pytest.raises(urllib.error.HTTPError) as e:
-        urllib.request.urlopen(env.service.url + "/ui/api/v1/jobs", timeout=5)
+        urllib.request.urlopen(env.service.url + "/ui/live/jobs", timeout=5)
     assert e.value.code == 401
 
+    # A push to the registry: its job appears in the list and finishes there, no reload.
     d.execute_script("window.notReloaded = true")
-    ref = f"{env.registry.host}/console/app:v1"
-    push(unique_image(tmp_path, "console-app"), "v1", ref)
-    status, job = env.service.api("POST", "/api/v1/jobs", {"reference": ref})
-    assert status == 202, job
-    row = f'tr[data-id="{job["id"]}"]'
-    env.until(lambda: d.find_element(By.CSS_SELECTOR, row), 10, "the new job's row")
-    env.until(lambda: "succeeded" in env.text(row), 90, "the job to succeed on the page")
+    push(unique_image(tmp_path, "console-app"), "v1", f"{env.proxy.host}/console/app:v1")
+    job = env.until(lambda: _row_of(env, "console/app"), 30, "the pushed image's job in the list")
+    row = f'tr[data-id="{job}"]'
+    env.until(lambda: "running" in env.text(row), 30, "the job running in the list")
+    env.shot("jobs-running")
+    env.until(lambda: "succeeded" in env.text(row), 90, "the job to succeed in the list")
     assert d.execute_script("return window.notReloaded") is True  # updated in place
-    assert "console/app:v1" in env.text(row) and "_accelerated" in env.text(row)
-    env.state["target"] = env.service.api("GET", f"/api/v1/jobs/{job['id']}")[1]["target"]
+    assert "console/app:v1" in env.text(row) and "v1_accelerated" in env.text(row)
+    env.state["target"] = env.service.api("GET", f"/api/v1/jobs/{job}")[1]["target"]
+    link = d.find_element(By.CSS_SELECTOR, f"{row} a[href^='/ui/images?ref=']")
+    assert link.text == env.state["target"]
     env.shot("jobs")
 
     Select(d.find_element(By.ID, "f-state")).select_by_value("failed")
     d.find_element(By.CSS_SELECTOR, "form.filters button").click()
     env.until(lambda: "state=failed" in d.current_url, 10, "the next page")
-    assert not d.find_elements(By.CSS_SELECTOR, row)
-    assert d.find_elements(By.CSS_SELECTOR, f'tr[data-id="{env.evil_job}"]')
+    time.sleep(1)  # the filtered live stream's first update
+    assert not d.find_elements(By.CSS_SELECTOR, row) and "No jobs." in env.text("#jobs")
 
-    env.get(f"/ui/jobs/{job['id']}")
-    assert env.text("[data-field=state]") == "succeeded"
+    # A second push, followed on its own page: per-layer progress, then done, no reload.
+    env.get("/ui/")
+    push(unique_image(tmp_path, "console-page"), "v1", f"{env.proxy.host}/console/page:v1")
+    second = env.until(lambda: _row_of(env, "console/page"), 30, "the second job in the list")
+    d.find_element(By.LINK_TEXT, second).click()
+    env.until(lambda: d.current_url.endswith(f"/ui/jobs/{second}"), 10, "the job's page")
+    d.execute_script("window.notReloaded = true")
+    assert env.text("[data-field=state]") in ("queued", "running")
+    env.until(lambda: "downloading" in env.text("table.layers"), 30, "the layer downloading")
+    env.shot("job-running")
+    env.until(lambda: env.text("[data-field=state]") == "succeeded", 90, "the job to succeed on its page")
+    assert d.execute_script("return window.notReloaded") is True
     assert "1 done of 1 started" in env.text("[data-field=layers]")
+    layer = d.find_element(By.CSS_SELECTOR, "table.layers tbody tr")
+    assert "done" in layer.text and "sha256:" in layer.text
+    assert d.find_elements(By.XPATH, "//button[text()='Retry']")  # a finished job can be retried
+    env.until(lambda: "delivered" in env.text("main"), 30, "the webhook delivery")
+    assert env.hook.url in env.text("main")
     env.shot("job")
 
 
-def test_users_text_is_escaped_and_retry(env: Env) -> None:
+def test_an_error_with_markup_is_shown_as_text_and_retry(env: Env, tmp_path: Path) -> None:
+    """A layer whose tar entry is named with markup fails its conversion; the error names the
+    entry, and the page shows it as text."""
     d = env.driver
+    layout = Layout(tmp_path / "evil")
+    layout.tag(layout.image([(GZ, gzip.compress(forge([Member(Header(EVIL_NAME, b"0", -512), b"x" * 1024)])))]), "v1")
+    push(layout.root, "v1", f"{env.proxy.host}/console/evil:v1")
     env.get("/ui/")
-    time.sleep(2.5)  # one live update: rows rebuilt by the script
-    assert EVIL_REPO in env.text(f'tr[data-id="{env.evil_job}"]')
-    env.get(f"/ui/jobs/{env.evil_job}")
-    assert env.text("[data-field=error]") == EVIL_ERROR
-    assert "&lt;script&gt;" in d.page_source and EVIL_REPO not in d.page_source
+    job = env.until(lambda: _row_of(env, "console/evil"), 30, "the hostile image's job in the list")
+    env.until(lambda: "failed" in env.text(f'tr[data-id="{job}"]'), 60, "the job to fail")
+    env.get(f"/ui/jobs/{job}")
+    error = env.text("[data-field=error]")
+    assert EVIL_NAME.decode() in error and "negative size" in error
+    assert "&lt;script&gt;" in d.page_source and "<script>window" not in d.page_source
     assert d.execute_script("return window.pwned") is None
     env.shot("job-escaped")
+    first = env.service.api("GET", f"/api/v1/jobs/{job}")[1]
+    d.execute_script("window.notReloaded = true")
     d.find_element(By.XPATH, "//button[text()='Retry']").click()
-    env.until(lambda: d.current_url.endswith(f"/ui/jobs/{env.evil_job}"), 10, "the next page")
-    env.until(lambda: env.text("[data-field=error]") != EVIL_ERROR, 10, "the error cleared by the retry")
+    env.until(lambda: d.current_url.endswith(f"/ui/jobs/{job}"), 10, "the next page")
+
+    def failed_again() -> bool:
+        now = env.service.api("GET", f"/api/v1/jobs/{job}")[1]
+        return bool(now["state"] == "failed" and now["finished_at"] > first["finished_at"])
+
+    env.until(failed_again, 60, "the retried job to fail again")
+    env.until(lambda: env.text("[data-field=state]") == "failed", 10, "the page to show it failed")
+    assert EVIL_NAME.decode() in env.text("[data-field=error]") and d.execute_script("return window.pwned") is None
     # without the CSRF token the same POST is refused
-    req = urllib.request.Request(f"{env.service.url}/ui/jobs/{env.evil_job}/retry", data=b"csrf=x", method="POST")
+    req = urllib.request.Request(f"{env.service.url}/ui/jobs/{job}/retry", data=b"csrf=x", method="POST")
     req.add_header("Cookie", f"imgaccel_session={d.get_cookie('imgaccel_session')['value']}")
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=5)
@@ -300,6 +295,32 @@ def test_prewarm_from_the_form_quota_and_templates(env: Env) -> None:
     assert second != task
     _, body = env.service.api("GET", f"/api/v1/prewarm/tasks/{second}")
     assert body["spec"]["images"] == [target] and body["spec"]["nodes"] == "region=r1,card=h200", body
+
+
+def test_a_cache_node_task_throttled_by_the_registry(env: Env) -> None:
+    """No node selector: the configured cache nodes. The registry answers 429 to the first reads
+    of the layer; the page shows the task throttled with the reason, then done."""
+    d = env.driver
+    target = env.state["target"]
+    job = next(j for j in env.service.jobs("console/app") if j["state"] == "succeeded")
+    layer_path = f"/v2/console/app/blobs/{job['progress']['layers'][0]['digest']}"
+    first = env.proxy.seen[("GET", layer_path)]
+    env.proxy.rule = lambda method, path, n: "429" if (method, path) == ("GET", layer_path) and n <= first + 3 else None
+    try:
+        _plan(env, {"images": target, "mode": "full"})
+        assert env.text("#plan").count("127.0.0.1:") >= 2  # the image and the cache node target
+        d.find_element(By.ID, "confirm").click()
+        env.until(lambda: d.current_url.endswith("/ui/prewarm"), 10, "the next page")
+        task = str(d.find_element(By.CSS_SELECTOR, "article.task").get_attribute("data-task"))
+        card = f'article[data-task="{task}"]'
+        env.until(lambda: "throttled" in env.text(f"{card} [data-field=state]"), 30, "the task throttled")
+        assert "throttled by the registry (429" in env.text(f"{card} [data-field=message]")
+        env.shot("prewarm-throttled")
+        env.until(lambda: "succeeded" in env.text(f"{card} [data-field=state]"), 60, "the task done")
+        assert "was throttled by the registry" in env.text(card) and "cache node" in env.text(card)
+    finally:
+        env.proxy.rule = _slow_first_blob_reads
+    assert env.proxy.faults["429"] >= 1
 
 
 def test_cancel_a_running_task(env: Env) -> None:

@@ -139,7 +139,7 @@ async def _convert_all(refs: list[ImageRef], options: ConvertOptions, jobs: int,
                 task = bars.add_task(str(ref), total=None)
                 progress = ConvertProgress(
                     on_layer_start=lambda d, size: bars.update(task, total=(bars.tasks[task].total or 0) + size),
-                    on_bytes=lambda n: bars.advance(task, n),
+                    on_bytes=lambda digest, n: bars.advance(task, n),
                 )
                 client = clients[ref.registry]
                 try:

@@ -45,7 +45,7 @@ class Progress:
     """Callbacks the CLI and the service use to show progress (all optional)."""
 
     on_layer_start: Callable[[str, int], None] = lambda digest, size: None
-    on_bytes: Callable[[int], None] = lambda n: None
+    on_bytes: Callable[[str, int], None] = lambda digest, n: None  # n more bytes of the layer downloaded
     on_layer_done: Callable[[str, bool], None] = lambda digest, reused: None
 
 
@@ -207,7 +207,9 @@ class ImageConverter:
             with tempfile.TemporaryDirectory(prefix="imgaccel-", dir=self.options.workdir) as tmp:
                 src = os.path.join(tmp, "layer")
                 t0 = time.monotonic()
-                await self.client.download_blob(repo, layer.digest, src, layer.size, self.progress.on_bytes)
+                await self.client.download_blob(
+                    repo, layer.digest, src, layer.size, lambda n: self.progress.on_bytes(layer.digest, n)
+                )
                 result.bytes_in += layer.size
                 t1 = time.monotonic()
                 async with self._cpu_slot:

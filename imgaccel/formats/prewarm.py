@@ -226,11 +226,23 @@ class NodeReport(_Strict):
     error: str | None = Field(default=None, max_length=2000)
 
 
+class NodeCacheStats(_Strict):
+    """A node daemon's chunk cache, as its polls report it: the bytes on disk now, and the
+    lookups since the daemon started that found a usable entry (``hits``) or none (``misses``:
+    absent, or damaged and dropped)."""
+
+    cached_bytes: int = Field(ge=0)
+    hits: int = Field(ge=0)
+    misses: int = Field(ge=0)
+
+
 class NodePoll(_Strict):
-    """``POST /api/v1/prewarm/nodes/<name>/poll``: a node's labels and reports."""
+    """``POST /api/v1/prewarm/nodes/<name>/poll``: a node's labels and reports, and its chunk
+    cache's stats (absent from daemons older than the field)."""
 
     labels: dict[str, str] = {}
     reports: list[NodeReport] = Field(default=[], max_length=1000)
+    chunk_cache: NodeCacheStats | None = None
 
     @field_validator("labels")
     @classmethod
@@ -248,3 +260,4 @@ class NodeRecord(_Strict):
     name: str
     labels: dict[str, str]
     last_seen: float
+    chunk_cache: NodeCacheStats | None = None  # as of its last poll

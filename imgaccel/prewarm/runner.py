@@ -294,7 +294,8 @@ class PrewarmRunner:
         """Any replica answers: the node's reports are stored (the replica running the task
         merges them), its assignments read from the running tasks."""
         now = time.time()
-        await self.store.save_node(NodeRecord(name=name, labels=poll.labels, last_seen=now))
+        await self.store.save_node(NodeRecord(name=name, labels=poll.labels, last_seen=now,
+                                              chunk_cache=poll.chunk_cache))  # fmt: skip
         done: set[tuple[str, str]] = set()
         for report in poll.reports:
             await self.store.add_report(name, report)

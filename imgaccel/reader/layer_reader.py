@@ -309,7 +309,7 @@ class LayerReader:
         """One request (one byte range per run); settles every future (result or ChunkReadError)."""
         try:
             chunks = self.index.chunks
-            ends = {p: self._c_need(p, needed[p]) for run in request for p in run}
+            ends = {p: self.fetch_end(p, needed[p]) for run in request for p in run}
             spans = [(chunks[run[0]].c_offset, max(ends[p] for p in run)) for run in request]
             datas = await self._fetch(spans)
             pieces = {
@@ -351,7 +351,7 @@ class LayerReader:
                 if self._inflight.get(p) is f:
                     del self._inflight[p]
 
-    def _c_need(self, p: int, needed: int) -> int:
+    def fetch_end(self, p: int, needed: int) -> int:
         """Where the compressed bytes to fetch for the first ``needed`` uncompressed bytes of
         chunk ``p`` end: all of the chunk, but for a gzip chunk with block digests only an
         estimate covering the whole blocks that hold them."""

@@ -13,9 +13,10 @@ Wire between the two (one JSON document per line):
 * parent -> child stdin: one ``JobRequest``; it carries the registry credentials, which is why
   they are not on the command line.
 * child -> parent stdout: ``{"event": "layer_start", "digest", "size"}``, ``{"event": "bytes",
-  "n"}``, ``{"event": "layer_done", "digest", "reused"}``, then exactly one of ``{"event":
-  "result", ...}`` or ``{"event": "error", "kind", "message"}``, both with ``peak_rss``. The child's log goes to stderr
-  and the parent re-logs it under the job's id.
+  "digest", "n"}`` (every ``BYTES_EVENT`` bytes of a layer or ``BYTES_EVENT_SECONDS``,
+  and before its ``layer_done``), ``{"event": "layer_done", "digest", "reused"}``, then exactly one of
+  ``{"event": "result", ...}`` or ``{"event": "error", "kind", "message"}``, both with
+  ``peak_rss``. The child's log goes to stderr and the parent re-logs it under the job's id.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import os
 import resource
 import signal
 import sys
+import time
 from collections import deque
 from dataclasses import dataclass, fields
 from typing import Any, Literal
@@ -43,6 +45,8 @@ from imgaccel.pusher.reference import ImageRef
 from imgaccel.service.child_process import relay_stderr, spawn_module
 
 log = logging.getLogger(__name__)
+BYTES_EVENT = 1 << 20  # downloaded bytes of a layer per "bytes" event
+BYTES_EVENT_SECONDS = 0.5  # (or fewer, when this long passed since the last one)
 
 
 class ConversionLimitError(ConversionError):
@@ -116,7 +120,7 @@ async def run_isolated(request: JobRequest, timeout: float, progress: Progress, 
             if kind == "layer_start":
                 progress.on_layer_start(str(event["digest"]), int(event["size"]))
             elif kind == "bytes":
-                progress.on_bytes(int(event["n"]))
+                progress.on_bytes(str(event["digest"]), int(event["n"]))
             elif kind == "layer_done":
                 progress.on_layer_done(str(event["digest"]), bool(event["reused"]))
             elif kind in ("result", "error"):
@@ -210,19 +214,24 @@ async def _convert(request: JobRequest) -> None:
 
     credentials = Credentials(request.username, request.password or "") if request.username else None
     options = options_from_wire(request.options)
-    pending = 0
+    pending: dict[str, int] = {}  # layer digest -> downloaded bytes not reported yet
+    reported = {"at": time.monotonic()}
 
-    def on_bytes(n: int) -> None:
-        nonlocal pending
-        pending += n
-        if pending >= 8 << 20:
-            _emit({"event": "bytes", "n": pending})
-            pending = 0
+    def on_bytes(digest: str, n: int) -> None:
+        pending[digest] = pending.get(digest, 0) + n
+        if pending[digest] >= BYTES_EVENT or time.monotonic() - reported["at"] > BYTES_EVENT_SECONDS:
+            _emit({"event": "bytes", "digest": digest, "n": pending.pop(digest)})
+            reported["at"] = time.monotonic()
+
+    def on_layer_done(digest: str, reused: bool) -> None:
+        if digest in pending:
+            _emit({"event": "bytes", "digest": digest, "n": pending.pop(digest)})
+        _emit({"event": "layer_done", "digest": digest, "reused": reused})
 
     progress = Progress(
         on_layer_start=lambda d, size: _emit({"event": "layer_start", "digest": d, "size": size}),
         on_bytes=on_bytes,
-        on_layer_done=lambda d, reused: _emit({"event": "layer_done", "digest": d, "reused": reused}),
+        on_layer_done=on_layer_done,
     )
     async with RegistryClient(
         request.registry,

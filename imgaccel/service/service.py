@@ -87,12 +87,23 @@ class Service:
         key = job_key(registry, repository, digest, rule.mode)
         job, _created = await self.store.enqueue(registry, repository, digest, tag, rule.mode, rule.model_dump(), key)
         self.runner.wakeup.set()
+        self.publish(job)
         return job, "queued"
 
     def publish(self, job: Job) -> None:
         self.watchers.publish(job.id, job.to_json)
 
-    def _registry_for(self, host: str | None) -> str | None:
+    async def retry(self, job: Job) -> bool:
+        """Queue a finished job again from its first attempt; False when it is not finished."""
+        if job.state not in TERMINAL:
+            return False
+        job.state, job.attempts, job.next_attempt_at, job.last_error, job.skip_reason = "queued", 0, 0.0, None, None
+        await self.store.save(job)
+        self.runner.wakeup.set()
+        self.publish(job)
+        return True
+
+    def registry_for(self, host: str | None) -> str | None:
         """The configured registry an event names; None when it is not ours to contact.
 
         ``host`` has passed the strict ``host[:port]`` parse (events.py, parse_reference);
@@ -126,7 +137,7 @@ class Service:
             return _error(400, f"malformed event: {e}")
         jobs, skipped = [], list(ignored)
         for push in pushes:
-            registry = self._registry_for(push.registry)
+            registry = self.registry_for(push.registry)
             if registry is None:
                 skipped.append(f"{push.registry or '?'}/{push.repository}: not a configured registry")
                 continue
@@ -139,7 +150,7 @@ class Service:
         return web.json_response({"jobs": jobs, "ignored": skipped}, status=202 if jobs else 200)
 
     def _api_auth(self, request: web.Request) -> web.Response | None:
-        if not (_authorized(self.config.api_auth, request) or self.console.authorized(request)):
+        if not _authorized(self.config.api_auth, request):
             return _error(401, "missing or wrong credential")
         return None
 
@@ -204,7 +215,7 @@ class Service:
             ref = parse_reference(text)
         except ReferenceError as e:
             return _error(400, f"reference: {e}")
-        registry = self._registry_for(ref.registry)
+        registry = self.registry_for(ref.registry)
         if registry is None:
             if self.config.registries:
                 return _error(400, f"reference: {ref.registry} is not a configured registry")
@@ -225,11 +236,8 @@ class Service:
         job = await self._requested_job(request)
         if isinstance(job, web.Response):
             return job
-        if job.state not in TERMINAL:
+        if not await self.retry(job):
             return _error(409, f"job is {job.state}")
-        job.state, job.attempts, job.next_attempt_at, job.last_error, job.skip_reason = "queued", 0, 0.0, None, None
-        await self.store.save(job)
-        self.runner.wakeup.set()
         return web.json_response(await self._job_json(job), status=202)
 
     async def job_events(self, request: web.Request) -> web.StreamResponse:
@@ -303,6 +311,7 @@ class Service:
         self.console.add_routes(app)
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
+        app.on_shutdown.append(self._end_streams)
         return app
 
     async def _start(self, app: web.Application) -> None:
@@ -311,6 +320,11 @@ class Service:
         self.notifier.start()
         self.reconciler.start()
         await self.prewarm.start()
+
+    async def _end_streams(self, app: web.Application) -> None:
+        """Before open requests are waited for: end the server-sent event streams."""
+        self.watchers.close()
+        self.prewarm_api.watchers.close()
 
     async def _stop(self, app: web.Application) -> None:
         await self.prewarm.stop()

@@ -12,6 +12,7 @@ snapshot.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
@@ -27,9 +28,27 @@ Snapshot = dict[str, Any]
 class Watchers:
     def __init__(self) -> None:
         self._queues: defaultdict[str, set[asyncio.Queue[Snapshot]]] = defaultdict(set)
+        self._changed = asyncio.Event()  # set (and replaced) on every publish
+        self.closed = False  # the service is stopping: streams end
+
+    async def changed(self, timeout: float) -> None:
+        """Return at the next publish of any key, or after ``timeout`` seconds."""
+        if not self.closed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout)
+
+    def close(self) -> None:
+        """End every stream (the service is stopping; browsers reconnect to another replica)."""
+        self.closed = True
+        self._changed.set()
+        for queues in self._queues.values():
+            for q in queues:
+                q.put_nowait({})  # wakes the stream, which sees ``closed``
 
     def publish(self, key: str, snapshot: Callable[[], Snapshot]) -> None:
         """``snapshot`` is called only when someone watches ``key``."""
+        self._changed.set()
+        self._changed = asyncio.Event()
         queues = self._queues.get(key)
         if queues:
             made = snapshot()
@@ -44,6 +63,8 @@ class Watchers:
         ``SHARED_POLL`` seconds (a replica publishes only its own changes)."""
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
+        if self.closed:
+            return resp
         queue: asyncio.Queue[Snapshot] = asyncio.Queue()
         self._queues[key].add(queue)
         try:
@@ -59,6 +80,8 @@ class Watchers:
                 except TimeoutError:
                     await resp.write(b": keep-alive\n\n")
                     snapshot = await reread() or snapshot
+                if self.closed:
+                    break
                 if min_interval:
                     await asyncio.sleep(min_interval)
         finally:

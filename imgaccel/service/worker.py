@@ -23,6 +23,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack, suppress
+from typing import Any
 
 from imgaccel.converter.errors import ConversionError, NotConvertible
 from imgaccel.converter.image_converter import ImageConverter, Progress
@@ -305,11 +306,18 @@ async def _retag(client: RegistryClient, job: Job, digest: str, target_tag: str)
 class _JobProgress:
     """Per-layer progress on the job record, saved and published as it moves. Progress
     callbacks are synchronous: saves run in one background task that writes the job's latest
-    state (``drain`` waits for it)."""
+    state (``drain`` waits for it).
+
+    ``job.progress``: totals (``layers_started``, ``layers_done``, ``layers_reused``,
+    ``bytes_total``, ``bytes_done``: downloaded bytes of the layers started) and ``layers``,
+    one ``{"digest", "size", "bytes_done", "state"}`` per layer started or reused, in that
+    order; ``state`` is ``downloading``, ``converting`` (all bytes in), ``done`` or ``reused``."""
 
     def __init__(self, job: Job, store: JobStore, publish: Callable[[Job], None]) -> None:
         self.job, self.store, self.publish = job, store, publish
-        job.progress = {"layers_started": 0, "layers_done": 0, "layers_reused": 0, "bytes_total": 0, "bytes_done": 0}
+        job.progress = {"layers_started": 0, "layers_done": 0, "layers_reused": 0, "bytes_total": 0, "bytes_done": 0,
+                        "layers": []}  # fmt: skip
+        self._layers: dict[str, dict[str, Any]] = {}
         self._last = 0.0
         self._dirty = False
         self._saving: asyncio.Task[None] | None = None
@@ -317,13 +325,25 @@ class _JobProgress:
     def callbacks(self) -> Progress:
         return Progress(on_layer_start=self._start, on_bytes=self._bytes, on_layer_done=self._done)
 
+    def _layer(self, digest: str, size: int, state: str) -> dict[str, Any]:
+        layer = self._layers.get(digest)
+        if layer is None:
+            layer = self._layers[digest] = {"digest": digest, "size": size, "bytes_done": 0, "state": state}
+            self.job.progress["layers"].append(layer)
+        return layer
+
     def _start(self, digest: str, size: int) -> None:
         self.job.progress["layers_started"] += 1
         self.job.progress["bytes_total"] += size
+        self._layer(digest, size, "downloading")
         self._save()
 
-    def _bytes(self, n: int) -> None:
+    def _bytes(self, digest: str, n: int) -> None:
         self.job.progress["bytes_done"] += n
+        layer = self._layer(digest, 0, "downloading")
+        layer["bytes_done"] += n
+        if layer["bytes_done"] >= layer["size"]:
+            layer["state"] = "converting"
         if time.monotonic() - self._last > 0.5:
             self._last = time.monotonic()
             self._save()  # (other replicas' watchers read progress from the store)
@@ -332,6 +352,7 @@ class _JobProgress:
         self.job.progress["layers_done"] += 1
         if reused:
             self.job.progress["layers_reused"] += 1
+        self._layer(digest, 0, "reused")["state"] = "reused" if reused else "done"
         self._save()
 
     def _save(self) -> None:

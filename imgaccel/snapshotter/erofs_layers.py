@@ -42,6 +42,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
+from functools import partial
 from pathlib import Path
 
 from imgaccel.formats.erofs import WRITER_VERSION, build_erofs_image
@@ -67,7 +68,7 @@ from imgaccel.snapshotter.lazy_layers import (
 )
 from imgaccel.snapshotter.metadata import Snapshot
 from imgaccel.snapshotter.mounts import is_mountpoint, mount_at, mounts, umount_or_detach
-from imgaccel.snapshotter.prewarm_agent import PrewarmAgent
+from imgaccel.snapshotter.prewarm_agent import PrewarmAgent, chunk_cache_stats
 from imgaccel.snapshotter.status import FuseStatus, ImageStatus, LayerStatus, RemoteStatus
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,8 @@ class ErofsLayers:
         self.fallbacks: Counter[str] = Counter()  # why Prepares were left to containerd's pull
         self.prewarm: PrewarmAgent | None = None
         if config.prewarm is not None:
-            self.prewarm = PrewarmAgent(config.prewarm, self._open_for_prewarm, self._client)
+            self.prewarm = PrewarmAgent(config.prewarm, self._open_for_prewarm, self._client,
+                                        partial(chunk_cache_stats, cache))  # fmt: skip
 
     # -- lifecycle (called by the daemon) ------------------------------------------------------
 

@@ -1,8 +1,9 @@
 """The node daemon's side of prewarm tasks: poll the service, warm what it assigns.
 
-Every ``poll_seconds`` the agent sends the node's labels and the progress of its assignments
-to ``POST <service>/api/v1/prewarm/nodes/<name>/poll`` and gets back the assignments still to
-do (the node takes no inbound connection). Each assignment is an image pinned by digest: the
+Every ``poll_seconds`` the agent sends the node's labels, the progress of its assignments and
+its chunk cache's stats (for the console's nodes page) to ``POST
+<service>/api/v1/prewarm/nodes/<name>/poll`` and gets back the assignments still to do (the
+node takes no inbound connection). Each assignment is an image pinned by digest: the
 agent opens it lazily, as a pull would (through the cache nodes, into the node's chunk cache),
 and fetches the chunks of its profile (``hot``) or every chunk (``full``, at the assignment's
 bandwidth if any). An assignment that disappears from the answers (the task was cancelled or
@@ -21,11 +22,19 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 from pydantic import ValidationError
 
-from imgaccel.formats.prewarm import TERMINAL_TARGET, Assignment, NodePoll, NodePollAnswer, NodeReport
+from imgaccel.formats.prewarm import (
+    TERMINAL_TARGET,
+    Assignment,
+    NodeCacheStats,
+    NodePoll,
+    NodePollAnswer,
+    NodeReport,
+)
 from imgaccel.pusher.client import RegistryClient
 from imgaccel.pusher.errors import RegistryError
 from imgaccel.pusher.reference import ImageRef, ReferenceError, parse_reference
 from imgaccel.reader.accelerated_image import AcceleratedImage, ImageOpenError
+from imgaccel.reader.chunk_cache import ChunkCache
 from imgaccel.reader.prefetch import fetch_rest, replay_profile
 from imgaccel.reader.profiles import find_profile
 from imgaccel.snapshotter.config import PrewarmAgentConfig
@@ -36,6 +45,7 @@ Key = tuple[str, str]  # (task id, image reference)
 # What the agent needs of the daemon: the image opened lazily, and its registry client.
 OpenImage = Callable[[ImageRef, str], Awaitable[AcceleratedImage]]
 ClientFor = Callable[[str], Awaitable[RegistryClient]]
+CacheStatsOf = Callable[[], NodeCacheStats]  # called in a thread (it may walk the cache directory)
 REPORT_INTERVAL = 1.0  # seconds between progress updates kept for the next poll
 _ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
 
@@ -44,11 +54,21 @@ class PollError(Exception):
     """The service refused or could not answer a poll; one line."""
 
 
+def chunk_cache_stats(cache: ChunkCache) -> NodeCacheStats:
+    """What a poll reports of the node's chunk cache: its bytes on disk (walked: call it in a
+    thread), and this process's lookups: hits (from memory or disk), misses (no entry, or a
+    damaged one that was dropped)."""
+    s = cache.stats
+    return NodeCacheStats(cached_bytes=cache.size(), hits=s.hits, misses=s.misses + s.corrupt)
+
+
 class PrewarmAgent:
-    def __init__(self, config: PrewarmAgentConfig, open_image: OpenImage, client_for: ClientFor) -> None:
+    def __init__(self, config: PrewarmAgentConfig, open_image: OpenImage, client_for: ClientFor,
+                 cache_stats: CacheStatsOf | None = None) -> None:  # fmt: skip
         self.config = config
         self.open_image = open_image
         self.client_for = client_for
+        self.cache_stats = cache_stats  # None: polls carry no chunk-cache stats
         self.labels = {"kubernetes.io/arch": _ARCH.get(platform.machine(), platform.machine()), **config.labels}
         self.poll_seconds = config.poll_seconds
         self.polls = 0
@@ -87,7 +107,10 @@ class PrewarmAgent:
 
     async def _poll(self, session: aiohttp.ClientSession) -> NodePollAnswer:
         sent = dict(self._reports)
-        body = NodePoll(labels=self.labels, reports=list(sent.values())).model_dump(mode="json")
+        stats = await asyncio.to_thread(self.cache_stats) if self.cache_stats is not None else None
+        poll = NodePoll(labels=self.labels, reports=list(sent.values()), chunk_cache=stats)
+        # Without stats the field is left out, not null: what services older than it accept.
+        body = poll.model_dump(mode="json", exclude={"chunk_cache"} if stats is None else None)
         url = f"{self.config.service}/api/v1/prewarm/nodes/{self.config.node_name}/poll"
         async with session.post(url, json=body) as resp:
             text = await resp.text()

@@ -9,10 +9,8 @@ from the API token. Nothing is kept in memory, so every replica of a Deployment 
 session, and changing the token ends every session. The token itself never leaves the login
 POST (not in the cookie, not in a URL). Forms carry a CSRF token: an HMAC of the session
 cookie under the same key. Without an API token configured no login is needed (the key is then
-random per process). The
-browser sends the cookie only under ``/ui``, so the JSON the pages poll is the API itself
-mounted again under ``/ui/api/v1/...`` (same handlers; the service's auth check accepts the
-session there).
+random per process). The browser sends the cookie only under ``/ui``: live updates are server-sent events under
+``/ui/live/...`` carrying fragments of the same templates (``live.py``).
 """
 
 from __future__ import annotations
@@ -24,15 +22,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
 
 import jinja2
 from aiohttp import web
 from pydantic import ValidationError
 
-from imgaccel.formats.prewarm import TERMINAL_TASK, TaskSpec, check_name
+from imgaccel.formats.prewarm import TERMINAL_TASK, ImageProgress, Task, TaskSpec, check_name
 from imgaccel.formats.sizes import format_size, parse_size
 from imgaccel.prewarm.runner import TaskRefused
-from imgaccel.service.job_store import TERMINAL
+from imgaccel.service.cache_node_stats import scraper_for
+from imgaccel.service.console.image_page import ImagePage
+from imgaccel.service.console.live import stream_rendered
+from imgaccel.service.job_store import TERMINAL, Job
 
 if TYPE_CHECKING:
     from imgaccel.service.service import Service
@@ -74,6 +76,7 @@ class Console:
         self.env.filters["size"] = lambda n: format_size(n or 0)
         self.env.filters["when"] = _when
         self.env.globals["duration"] = _duration
+        self.env.globals["image_totals"] = _image_totals
 
     # -- sessions ------------------------------------------------------------------------
 
@@ -102,10 +105,6 @@ class Console:
             return None
         return Session(cookie, self._sign("csrf." + cookie), self._token is not None)
 
-    def authorized(self, request: web.Request) -> bool:
-        """For the service's API check: a console session (only sent by browsers under /ui)."""
-        return self.session(request) is not None
-
     def _new_session(self, response: web.StreamResponse) -> Session:
         head = f"{int(time.time() + SESSION_SECONDS)}.{secrets.token_urlsafe(16)}"
         cookie = f"{head}.{self._sign(head)}"
@@ -120,6 +119,9 @@ class Console:
             **context,
         )  # fmt: skip
         return web.Response(text=html, content_type="text/html", status=status, headers=HEADERS)
+
+    def _fragment(self, name: str, session: Session, **context: Any) -> str:
+        return self.env.get_template(name).render(csrf=session.csrf, **context)
 
     async def _form(self, request: web.Request) -> tuple[Session, Any]:
         """A POSTed form of a session with its CSRF token; else 403."""
@@ -164,11 +166,11 @@ class Console:
         r.add_post("/ui/prewarm/tasks/{id}/cancel", self.prewarm_cancel)
         r.add_post("/ui/prewarm/tasks/{id}/template", self.prewarm_template)
         r.add_get("/ui/nodes", self.nodes)
+        ImagePage(self).add_routes(app)
         r.add_static("/ui/static", HERE / "static")
-        # The API again where the session cookie reaches it (Path=/ui).
-        r.add_get("/ui/api/v1/jobs", self.service.list_jobs)
-        r.add_get("/ui/api/v1/jobs/{id}", self.service.get_job)
-        r.add_get("/ui/api/v1/prewarm/tasks", self.service.prewarm_api.list_tasks)
+        r.add_get("/ui/live/jobs", self.live_jobs)
+        r.add_get("/ui/live/jobs/{id}", self.live_job)
+        r.add_get("/ui/live/prewarm", self.live_prewarm)
 
     async def root(self, request: web.Request) -> web.Response:
         return _redirect("/ui/")
@@ -196,13 +198,23 @@ class Console:
         response.del_cookie(COOKIE, path="/ui")
         return response
 
-    async def jobs(self, request: web.Request) -> web.Response:
-        s, holder = await self._session_for_get(request)
+    async def _job_list(self, request: web.Request) -> list[Job]:
         state = request.query.get("state") or None
         repository = request.query.get("repository") or None
-        jobs = await self.service.store.list_jobs(state if state in JOB_STATES else None, repository, 200, 0)
-        return self._finish(self._render("jobs.html", s, jobs=jobs, states=JOB_STATES, state=state or "",
-                                         repository=repository or "", page="jobs"), holder)  # fmt: skip
+        return await self.service.store.list_jobs(state if state in JOB_STATES else None, repository, 200, 0)
+
+    async def jobs(self, request: web.Request) -> web.Response:
+        s, holder = await self._session_for_get(request)
+        jobs = await self._job_list(request)
+        state, repository = request.query.get("state", ""), request.query.get("repository", "")
+        query = urlencode({k: v for k, v in (("state", state), ("repository", repository)) if v})
+        page = self._render("jobs.html", s, jobs=jobs, states=JOB_STATES, state=state, repository=repository,
+                            query=query, running=any(j.state not in TERMINAL for j in jobs), page="jobs")  # fmt: skip
+        return self._finish(page, holder)
+
+    async def _job_context(self, job: Job) -> dict[str, Any]:
+        deliveries = await self.service.store.deliveries(job.id)
+        return {"job": job, "deliveries": deliveries, "terminal": job.state in TERMINAL}
 
     async def job(self, request: web.Request) -> web.Response:
         s, holder = await self._session_for_get(request)
@@ -210,19 +222,59 @@ class Console:
         if job is None:
             return self._finish(self._render("message.html", s, 404, title="No such job", text="No such job.",
                                              page="jobs"), holder)  # fmt: skip
-        deliveries = await self.service.store.deliveries(job.id)
-        return self._finish(self._render("job.html", s, job=job, deliveries=deliveries, terminal=job.state in TERMINAL,
-                                         page="jobs"), holder)  # fmt: skip
+        return self._finish(self._render("job.html", s, page="jobs", **await self._job_context(job)), holder)
+
+    # -- live updates (server-sent events; see live.py) ------------------------------------
+
+    def _live_session(self, request: web.Request) -> Session:
+        s = self.session(request)
+        if s is None:
+            raise web.HTTPUnauthorized(text="no console session: log in at /ui/login", headers=HEADERS)
+        return s
+
+    async def live_jobs(self, request: web.Request) -> web.StreamResponse:
+        s = self._live_session(request)
+
+        async def render() -> dict[str, Any]:
+            jobs = await self._job_list(request)
+            items = [[j.id, self._fragment("_job_rows.html", s, jobs=[j])] for j in jobs]
+            return {"items": items or [["empty", self._fragment("_job_rows.html", s, jobs=[])]]}
+
+        return await stream_rendered(request, render, self.service.watchers, self.service.store.shared, HEADERS)
+
+    async def live_job(self, request: web.Request) -> web.StreamResponse:
+        s = self._live_session(request)
+        job_id = request.match_info["id"]
+
+        async def render() -> dict[str, Any]:
+            job = await self.service.store.get(job_id)
+            if job is None:
+                return {"html": "<p>No such job.</p>", "final": True}
+            context = await self._job_context(job)
+            # final once the job is finished and its webhook deliveries too
+            final = context["terminal"] and all(d.state != "pending" for d in context["deliveries"])
+            return {"html": self._fragment("_job_live.html", s, **context), "final": final}
+
+        return await stream_rendered(request, render, self.service.watchers, self.service.store.shared, HEADERS)
+
+    async def live_prewarm(self, request: web.Request) -> web.StreamResponse:
+        s = self._live_session(request)
+        store = self.service.prewarm.store
+
+        async def render() -> dict[str, Any]:
+            tasks = await store.list_tasks(None, 100, 0)
+            items = [[t.id, self._fragment("_task_card.html", s, t=t, terminal=TERMINAL_TASK)] for t in tasks]
+            return {"items": items or [["empty", '<p class="empty" data-key="empty">No tasks.</p>']]}
+
+        watchers = self.service.prewarm_api.watchers
+        return await stream_rendered(request, render, watchers, self.service.store.shared, HEADERS)
 
     async def retry(self, request: web.Request) -> web.Response:
         await self._form(request)
         job = await self.service.store.get(request.match_info["id"])
         if job is None:
             raise web.HTTPNotFound(text="no such job")
-        if job.state in TERMINAL:  # as POST /api/v1/jobs/{id}/retry
-            job.state, job.attempts, job.next_attempt_at, job.last_error, job.skip_reason = "queued", 0, 0.0, None, None
-            await self.service.store.save(job)
-            self.service.runner.wakeup.set()
+        await self.service.retry(job)  # (a job that is not finished is left alone)
         return _redirect(f"/ui/jobs/{job.id}")
 
     async def _prewarm_context(self) -> dict[str, Any]:
@@ -230,6 +282,7 @@ class Console:
         return {
             "tasks": await store.list_tasks(None, 100, 0), "templates": await store.templates(),
             "terminal": TERMINAL_TASK, "quota": self.service.config.prewarm.quota, "page": "prewarm",
+            "credential_names": sorted(self.service.config.prewarm.credentials),
         }  # fmt: skip
 
     async def prewarm(self, request: web.Request) -> web.Response:
@@ -287,7 +340,7 @@ class Console:
     async def nodes(self, request: web.Request) -> web.Response:
         s, holder = await self._session_for_get(request)
         seen = await self.service.prewarm.store.nodes(0.0)
-        cache_nodes = self.service.config.prewarm.cache_nodes
+        cache_nodes = await scraper_for(self.service).stats()  # each at most once per 2 s, 2 s timeout
         page = self._render("nodes.html", s, nodes=seen, now=time.time(), cache_nodes=cache_nodes, page="nodes")
         return self._finish(page, holder)
 
@@ -317,6 +370,17 @@ def _spec_from_form(form: dict[str, str]) -> TaskSpec:
         except ValueError as e:
             raise ValueError(f"bandwidth: {e}") from None
     return TaskSpec.model_validate(body)
+
+
+def _image_totals(task: Task) -> list[ImageProgress]:
+    """A task's progress per image, summed over its targets (in the order of the spec)."""
+    totals: dict[str, ImageProgress] = {}
+    for target in task.targets:
+        for i in target.images:
+            t = totals.setdefault(i.reference, ImageProgress(reference=i.reference))
+            t.bytes_done += i.bytes_done
+            t.bytes_total += i.bytes_total
+    return list(totals.values())
 
 
 def _redirect(location: str) -> web.Response:

@@ -1,135 +1,85 @@
-// Live updates for the imgaccel console: polls the API (under /ui, where the session cookie
-// goes) every 2 s and updates the page in place. Everything is set with textContent; without
-// JavaScript the pages are plain server-rendered HTML.
+// Live updates for the imgaccel console. An element with data-live="<url>" listens to that
+// server-sent event stream (/ui/live/...), whose events carry HTML fragments rendered (and
+// escaped) by the server from the same templates as the page:
+//   {"items": [[key, html], ...]}  a list: keep the children whose data-key is unchanged,
+//                                   replace changed ones, insert new ones in order, drop the rest;
+//   {"html": ..., "final": bool}   one record: replace the element's content; final closes.
+// Fragments are parsed in a <template> (inert) and the page's Content-Security-Policy allows
+// no inline script. An element that holds the keyboard focus is not replaced while it does
+// (the next update brings it up to date). Without JavaScript the pages are plain
+// server-rendered HTML that reload themselves while something runs.
 "use strict";
 (function () {
-  const PERIOD = 2000;
-  const TERMINAL_JOB = ["succeeded", "failed", "skipped"];
-  const TERMINAL_TASK = ["succeeded", "failed", "cancelled"];
+  const shown = new WeakMap(); // element -> the fragment it was made from
+  const loadedAt = Date.now();
 
-  function size(n) {
-    n = n || 0;
-    const units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let i = 0;
-    while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
-    return (i === 0 ? String(n) : n.toFixed(1)) + " " + units[i];
+  function parse(html) {
+    const t = document.createElement("template");
+    t.innerHTML = html;
+    return t.content;
   }
-  function duration(start, end) {
-    if (!start) return "";
-    const s = (end || Date.now() / 1000) - start;
-    return s < 120 ? s.toFixed(1) + " s" : (s / 60).toFixed(1) + " min";
+  function focused(node) {
+    const a = document.activeElement;
+    return a && a !== document.body && node.contains(a);
   }
-  function el(tag, text, cls) {
-    const e = document.createElement(tag);
-    if (text !== undefined) e.textContent = text;
-    if (cls) e.className = cls;
-    return e;
-  }
-  function setText(root, field, text) {
-    const e = root.querySelector('[data-field="' + field + '"]');
-    if (e && e.textContent !== text) e.textContent = text;
-    return e;
-  }
-  async function getJSON(url) {
-    const r = await fetch(url, { credentials: "same-origin", headers: { Accept: "application/json" } });
-    if (r.status === 401) { location.href = "/ui/login"; throw new Error("logged out"); }
-    if (!r.ok) throw new Error(url + ": " + r.status);
-    return r.json();
-  }
-  function every(fn) {
-    const live = document.getElementById("live");
-    async function tick() {
-      try { await fn(); if (live) live.textContent = ""; }
-      catch (e) { if (live) live.textContent = "Live updates paused: " + e.message; }
-      setTimeout(tick, PERIOD);
+
+  function applyItems(box, items) {
+    const known = new Map();
+    for (const child of Array.from(box.children)) {
+      if (child.dataset.key !== undefined) known.set(child.dataset.key, child);
     }
-    setTimeout(tick, PERIOD);
-  }
-
-  function jobRow(j) {
-    const tr = el("tr");
-    tr.dataset.id = j.id;
-    const a = el("a", j.id);
-    a.href = "/ui/jobs/" + encodeURIComponent(j.id);
-    const td = el("td"); td.appendChild(a); tr.appendChild(td);
-    const st = el("td"); st.appendChild(el("span", j.state, "state state-" + j.state)); tr.appendChild(st);
-    const source = j.registry + "/" + j.repository + (j.tags.length ? ":" + j.tags.join(",") : "@" + j.digest);
-    tr.appendChild(el("td", source + " → " + (j.target || "")));
-    tr.appendChild(el("td", j.mode));
-    tr.appendChild(el("td", size(j.size_before)));
-    tr.appendChild(el("td", size(j.size_after)));
-    tr.appendChild(el("td", duration(j.started_at, j.finished_at)));
-    return tr;
-  }
-
-  function jobsPage(tbody) {
-    every(async function () {
-      const body = await getJSON(tbody.dataset.api);
-      const rows = body.jobs.map(jobRow);
-      if (!rows.length) {
-        const tr = el("tr", undefined, "empty"); const td = el("td", "No jobs."); td.colSpan = 7;
-        tr.appendChild(td); rows.push(tr);
+    let prev = null;
+    const keep = new Set();
+    for (const [key, html] of items) {
+      keep.add(key);
+      let node = known.get(key);
+      if (!node || (shown.get(node) !== html && !focused(node))) {
+        const fresh = parse(html).firstElementChild;
+        if (!fresh) continue;
+        shown.set(fresh, html);
+        if (node) node.replaceWith(fresh);
+        node = fresh;
       }
-      tbody.replaceChildren(...rows);
-    });
+      const want = prev ? prev.nextElementSibling : box.firstElementChild;
+      if (want !== node && !focused(node)) {
+        if (prev) prev.after(node); else box.prepend(node);
+      }
+      prev = node;
+    }
+    for (const [key, node] of known) {
+      if (!keep.has(key) && !focused(node)) node.remove();
+    }
   }
 
-  function jobPage(main) {
-    const id = main.dataset.job;
-    const wasTerminal = TERMINAL_JOB.includes(main.dataset.state);
-    every(async function () {
-      const j = await getJSON("/ui/api/v1/jobs/" + encodeURIComponent(id));
-      if (!wasTerminal && TERMINAL_JOB.includes(j.state)) { location.reload(); return; }
-      const st = setText(main, "state", j.state);
-      if (st) st.className = "state state-" + j.state;
-      setText(main, "target", j.target || "");
-      setText(main, "attempts", String(j.attempts));
-      const err = setText(main, "error", j.last_error || j.skip_reason || "none");
-      if (err) err.className = (j.last_error || j.skip_reason) ? "error" : "quiet";
-      const p = j.progress || {};
-      const bar = main.querySelector('[data-field="progress"]');
-      if (bar) { bar.max = p.bytes_total || 1; bar.value = p.bytes_done || 0; }
-      setText(main, "bytes", size(p.bytes_done) + " of " + size(p.bytes_total));
-      if (p.layers_started !== undefined) {
-        setText(main, "layers", "Layers: " + p.layers_done + " done of " + p.layers_started + " started (" +
-          p.layers_reused + " reused); " + j.layers + " in the image.");
+  function listen(el) {
+    const status = document.getElementById("live");
+    const source = new EventSource(el.dataset.live);
+    source.addEventListener("update", function (e) {
+      const data = JSON.parse(e.data);
+      if (status) status.textContent = "";
+      if (data.items) {
+        applyItems(el, data.items);
+      } else if (data.html !== undefined) {
+        if (!focused(el) || data.final) el.replaceChildren(parse(data.html));
+        if (data.final) source.close();
       }
     });
-  }
-
-  function prewarmPage(box) {
-    every(async function () {
-      const body = await getJSON(box.dataset.api);
-      for (const t of body.tasks) {
-        const card = box.querySelector('[data-task="' + CSS.escape(t.id) + '"]');
-        if (!card) continue;
-        if (!TERMINAL_TASK.includes(card.dataset.state) && TERMINAL_TASK.includes(t.state)) {
-          // finished: reload for the "save as template" form, unless the user is typing
-          const active = document.activeElement;
-          if (!active || !active.matches("input, textarea, select")) { location.reload(); return; }
-        }
-        const st = setText(card, "state", t.state);
-        if (st) st.className = "state state-" + t.state;
-        setText(card, "bytes", size(t.bytes_done) + " of " + size(t.bytes_total));
-        setText(card, "message", t.message || "");
-        for (const g of t.targets) {
-          const row = card.querySelector('[data-target="' + CSS.escape(g.name) + '"]');
-          if (!row) continue;
-          setText(row, "tstate", g.state);
-          setText(row, "tbytes", size(g.bytes_done) + " of " + size(g.bytes_total));
-          const bar = row.querySelector("progress");
-          if (bar) { bar.max = g.bytes_total || 1; bar.value = g.bytes_done; }
-        }
-      }
+    source.addEventListener("paused", function (e) {
+      if (status) status.textContent = "Live updates paused: " + JSON.parse(e.data).error;
     });
+    source.onerror = function () {
+      if (source.readyState !== EventSource.CLOSED) {
+        if (status) status.textContent = "Live updates paused: reconnecting to the service...";
+      } else if (Date.now() - loadedAt > 5000) {
+        location.reload(); // refused (logged out, or another token): the page says why
+      } else if (status) {
+        status.textContent = "Live updates stopped: reload the page.";
+      }
+    };
   }
 
   document.addEventListener("DOMContentLoaded", function () {
-    const jobs = document.getElementById("jobs");
-    if (jobs) jobsPage(jobs);
-    const main = document.querySelector("main[data-job]");
-    if (main) jobPage(main);
-    const tasks = document.getElementById("tasks");
-    if (tasks) prewarmPage(tasks);
+    if (!window.EventSource) return;
+    for (const el of document.querySelectorAll("[data-live]")) listen(el);
   });
 })();
