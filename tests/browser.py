@@ -22,11 +22,12 @@ try:
     from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.chrome.service import Service as ChromeService
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import Select
 
     WHY = ""
 except ImportError:  # the tests skip, naming what is missing
-    By = Select = NoSuchElementException = StaleElementReferenceException = None  # type: ignore[assignment,misc]
+    By = Keys = Select = NoSuchElementException = StaleElementReferenceException = None  # type: ignore[assignment,misc]
     WHY = "selenium is not installed (pip install selenium)"
 for _path, _what in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver (chromedriver)")):
     if not WHY and not os.path.exists(_path):
@@ -40,10 +41,12 @@ def artifacts_dir(default: Path) -> Path:
 
 
 @contextmanager
-def chromium(width: int = 1280, height: int = 1500) -> Iterator[Any]:
+def chromium(width: int = 1280, height: int = 1500, javascript: bool = True) -> Iterator[Any]:
     """A headless Chromium driver, quit on exit."""
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
+    if not javascript:
+        opts.add_experimental_option("prefs", {"profile.managed_default_content_settings.javascript": 2})
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", f"--window-size={width},{height}"):
         opts.add_argument(arg)
     driver = webdriver.Chrome(service=ChromeService(CHROMEDRIVER), options=opts)

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from fixtures.build_images import Layout, push, unique_image
-from tests.browser import WHY, By, Page, Select, artifacts_dir, chromium
+from tests.browser import WHY, By, Keys, Page, Select, artifacts_dir, chromium
 from tests.fault_proxy import FaultProxy
 from tests.registry import free_port, start_registry
 from tests.service import ServiceProcess, WebhookReceiver, make_service
@@ -337,6 +337,48 @@ def test_cancel_a_running_task(env: Env) -> None:
     env.until(lambda: "running" in env.text(f"{card} [data-field=state]") or d.refresh(), 20, "running")
     d.find_element(By.XPATH, f"//button[text()='Cancel task {task['id']}']").click()
     env.until(lambda: "cancelled" in env.text(f"{card} [data-field=state]"), 10, "cancelled")
+
+
+UNLABELLED = """return Array.from(document.querySelectorAll("input:not([type=hidden]), select, textarea, progress"))
+  .filter(e => !(e.labels && e.labels.length) && !e.getAttribute("aria-label")).map(e => e.outerHTML);"""
+
+
+def test_every_control_is_labelled_and_reachable_by_keyboard(env: Env) -> None:
+    d = env.driver
+    job = env.service.jobs("console/app")[0]["id"]
+    for path in ("/ui/", f"/ui/jobs/{job}", "/ui/prewarm", "/ui/nodes", f"/ui/images?ref={env.state['target']}"):
+        env.get(path)
+        assert d.execute_script(UNLABELLED) == [], path
+        assert d.find_elements(By.CSS_SELECTOR, "h1"), path
+        # the first Tab reaches the skip link, which leads to the content
+        d.find_element(By.TAG_NAME, "body").send_keys(Keys.TAB)
+        assert d.switch_to.active_element.get_attribute("href").endswith("#main"), path
+
+
+def test_without_javascript_the_pages_work_with_reloads(env: Env) -> None:
+    with chromium(javascript=False) as driver:
+        page = Page(driver, env.service.url, env.shots, env.service.log_path)
+        page.login(API_TOKEN)
+        page.get("/ui/")
+        assert "console/app:v1" in page.text("#jobs")
+        page.get("/ui/prewarm")
+        driver.find_element(By.ID, "c-images").send_keys(env.state["target"])
+        driver.find_element(By.ID, "c-region").send_keys("r1")
+        driver.find_element(By.ID, "c-card").send_keys("h200")
+        Select(driver.find_element(By.ID, "c-mode")).select_by_value("full")
+        driver.find_element(By.ID, "plan-button").click()
+        page.until(lambda: driver.find_elements(By.ID, "plan"), 15, "the plan")
+        assert "gpu-1" in page.text("#plan")
+        driver.find_element(By.ID, "confirm").click()
+        page.until(lambda: driver.current_url.endswith("/ui/prewarm"), 10, "the task list")
+        task = str(driver.find_element(By.CSS_SELECTOR, "article.task").get_attribute("data-task"))
+
+        def done_after_reload() -> bool:
+            driver.refresh()
+            return "succeeded" in page.text(f'article[data-task="{task}"] [data-field=state]')
+
+        page.until(done_after_reload, 60, "the task done, seen by reloading")
+        page.shot("prewarm-no-javascript")
 
 
 def test_nodes_page_and_logout(env: Env) -> None:
