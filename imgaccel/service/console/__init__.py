@@ -1,16 +1,18 @@
-"""The web console of ``imgaccel serve`` under ``/ui/``: conversions, prewarm tasks, nodes.
+"""The web console of ``imgaccel serve`` under ``/ui/``: conversions, prewarm tasks, images
+(``image_page.py``), nodes.
 
 Server-rendered HTML (Jinja2, autoescaped: image names and errors come from users) with a
 little vanilla JavaScript for live updates; every page works without it (plain reloads).
 
 Sessions: ``/ui/login`` checks the API token and sets a signed session cookie (HttpOnly,
 SameSite=Strict, Path=/ui): ``<expiry>.<nonce>.<HMAC-SHA256 of both>``, keyed by a key derived
-from the API token. Nothing is kept in memory, so every replica of a Deployment accepts the
+from the API token. No session is kept in memory, so every replica of a Deployment accepts the
 session, and changing the token ends every session. The token itself never leaves the login
 POST (not in the cookie, not in a URL). Forms carry a CSRF token: an HMAC of the session
 cookie under the same key. Without an API token configured no login is needed (the key is then
-random per process). The browser sends the cookie only under ``/ui``: live updates are server-sent events under
-``/ui/live/...`` carrying fragments of the same templates (``live.py``).
+random per process). The browser sends the cookie only under ``/ui``: live updates are
+server-sent events under ``/ui/live/...`` carrying fragments of the same templates
+(``live.py``).
 """
 
 from __future__ import annotations
