@@ -12,10 +12,12 @@ from imgaccel.formats.profile import (
     Profile,
     ProfileChunk,
 )
+from imgaccel.formats.sizes import format_size
 from imgaccel.pusher.client import RegistryClient
 from imgaccel.reader.accelerated_image import AcceleratedImage
 
 log = logging.getLogger(__name__)
+MAX_PROFILE = 64 << 20  # bytes of one profile blob read
 
 
 def build_profile(image: AcceleratedImage, label: str) -> Profile:
@@ -65,15 +67,26 @@ async def push_profile(client: RegistryClient, image: AcceleratedImage, profile:
     return digest
 
 
+async def read_profile(client: RegistryClient, repo: str, artifact: str, max_size: int = MAX_PROFILE) -> Profile:
+    """The profile the artifact manifest ``artifact`` (a referrer with the profile artifact
+    type) holds. ValueError (one line) when it holds none or one over ``max_size`` bytes;
+    RegistryError when it cannot be read."""
+    manifest = oci.ImageManifest.model_validate_json((await client.get_manifest(repo, artifact)).data)
+    if not manifest.layers or manifest.layers[0].mediaType != PROFILE_MEDIA_TYPE:
+        raise ValueError(f"{artifact}: not a profile (no {PROFILE_MEDIA_TYPE} layer)")
+    blob = manifest.layers[0]
+    if blob.size > max_size:
+        raise ValueError(f"{artifact}: the profile is {format_size(blob.size)}, over the {format_size(max_size)} read")
+    return Profile.model_validate_json(await client.read_blob(repo, blob.digest, max_size=max_size))
+
+
 async def find_profile(client: RegistryClient, image: AcceleratedImage, label: str) -> Profile | None:
     """The newest profile with ``label`` attached to the image, if any."""
     repo = image.ref.repository
     for desc in reversed(await client.referrers(repo, image.top_digest)):
         if desc.artifactType != PROFILE_ARTIFACT_TYPE or (desc.annotations or {}).get(ANN_PROFILE_LABEL) != label:
             continue
-        manifest = oci.ImageManifest.model_validate_json((await client.get_manifest(repo, desc.digest)).data)
-        blob = await client.read_blob(repo, manifest.layers[0].digest)
-        profile = Profile.model_validate_json(blob)
+        profile = await read_profile(client, repo, desc.digest)
         if profile.manifest != image.manifest_digest:
             continue  # recorded for another platform
         return profile

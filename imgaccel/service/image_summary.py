@@ -5,8 +5,9 @@ and the hot-chunk profiles of each accelerated form with their start-up series.
 Everything is read with the project's own readers: manifests and referrers through
 ``RegistryClient``; each platform of an accelerated form through
 ``reader.accelerated_image.open_image`` (index blobs and TOCs verified against the digests the
-manifests pin); profiles as ``reader.profiles.find_profile`` finds them (referrers of the
-accelerated tag's top digest with the profile artifact type, newest last).
+manifests pin); profiles with ``reader.profiles.read_profile`` from the referrers of the
+accelerated tag's top digest with the profile artifact type (newest last), as
+``find_profile`` reads them.
 
 Bounds: an index blob, a TOC or a profile blob larger than ``max_blob`` is not read (a one-line
 error for that part), nor more than ``budget`` bytes of them per view; each form is read
@@ -34,13 +35,14 @@ from pydantic import ValidationError
 
 from imgaccel.formats import layer_index as li
 from imgaccel.formats import oci
-from imgaccel.formats.profile import ANN_PROFILE_LABEL, PROFILE_ARTIFACT_TYPE, PROFILE_MEDIA_TYPE, Profile
+from imgaccel.formats.profile import ANN_PROFILE_LABEL, PROFILE_ARTIFACT_TYPE, Profile
 from imgaccel.formats.sizes import format_size
 from imgaccel.pusher.client import Manifest, RegistryClient
 from imgaccel.pusher.errors import NotFoundError, RegistryError
 from imgaccel.pusher.reference import ImageRef
 from imgaccel.reader.accelerated_image import ImageOpenError, open_image
 from imgaccel.reader.layer_reader import LayerReader
+from imgaccel.reader.profiles import read_profile
 
 log = logging.getLogger(__name__)
 Kind = Literal["source", "index", "full", "pinned"]
@@ -498,14 +500,7 @@ class ImageSummaries:
         if (cached := self._profiles.get(key)) is not None:
             return cached
         try:
-            artifact = oci.ImageManifest.model_validate_json((await client.get_manifest(repo, digest)).data)
-            if not artifact.layers or artifact.layers[0].mediaType != PROFILE_MEDIA_TYPE:
-                return f"{digest}: not a profile (no {PROFILE_MEDIA_TYPE} layer)"
-            blob = artifact.layers[0]
-            if blob.size > self.max_blob:
-                return (f"{digest}: the profile is {format_size(blob.size)}, over the {format_size(self.max_blob)} "
-                        "the console reads")  # fmt: skip
-            profile = Profile.model_validate_json(await client.read_blob(repo, blob.digest, max_size=self.max_blob))
+            profile = await read_profile(client, repo, digest, self.max_blob)
         except (RegistryError, ValueError) as e:
             return one_line(e)
         self._profiles.put(key, profile)

@@ -63,13 +63,11 @@ class Watchers:
         ``SHARED_POLL`` seconds (a replica publishes only its own changes)."""
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
-        if self.closed:
-            return resp
         queue: asyncio.Queue[Snapshot] = asyncio.Queue()
         self._queues[key].add(queue)
         try:
             snapshot = first
-            while True:
+            while not self.closed:
                 while not queue.empty():  # a burst of changes: only the newest is sent
                     snapshot = queue.get_nowait()
                 await resp.write(f"event: {event}\ndata: {json.dumps(snapshot)}\n\n".encode())
@@ -81,7 +79,7 @@ class Watchers:
                     await resp.write(b": keep-alive\n\n")
                     snapshot = await reread() or snapshot
                 if self.closed:
-                    break
+                    break  # (not the empty snapshot ``close`` woke it with)
                 if min_interval:
                     await asyncio.sleep(min_interval)
         finally:

@@ -200,15 +200,20 @@ class Console:
         response.del_cookie(COOKIE, path="/ui")
         return response
 
+    @staticmethod
+    def _job_filters(request: web.Request) -> tuple[str, str]:
+        """The list's filters ("": none): a known state, a repository."""
+        state = request.query.get("state", "")
+        return (state if state in JOB_STATES else ""), request.query.get("repository", "")
+
     async def _job_list(self, request: web.Request) -> list[Job]:
-        state = request.query.get("state") or None
-        repository = request.query.get("repository") or None
-        return await self.service.store.list_jobs(state if state in JOB_STATES else None, repository, 200, 0)
+        state, repository = self._job_filters(request)
+        return await self.service.store.list_jobs(state or None, repository or None, 200, 0)
 
     async def jobs(self, request: web.Request) -> web.Response:
         s, holder = await self._session_for_get(request)
         jobs = await self._job_list(request)
-        state, repository = request.query.get("state", ""), request.query.get("repository", "")
+        state, repository = self._job_filters(request)
         query = urlencode({k: v for k, v in (("state", state), ("repository", repository)) if v})
         page = self._render("jobs.html", s, jobs=jobs, states=JOB_STATES, state=state, repository=repository,
                             query=query, running=any(j.state not in TERMINAL for j in jobs), page="jobs")  # fmt: skip
@@ -301,27 +306,24 @@ class Console:
             return s, form, str(msg).removeprefix("Value error, ")
 
     async def prewarm_plan(self, request: web.Request) -> web.Response:
-        s, form, spec = await self._spec(request)
-        ctx = await self._prewarm_context()
-        if isinstance(spec, str):
-            return self._render("prewarm.html", s, 400, form=form, error=spec, **ctx)
-        try:
-            _, plan = await self.service.prewarm.create(spec, dry_run=True)
-        except TaskRefused as e:
-            return self._render("prewarm.html", s, 422, form=form, error=f"refused: {e}", plan=e.plan, **ctx)
-        return self._render("prewarm.html", s, form=form, plan=plan, confirm=True, **ctx)
+        """The create form's first step: the plan, with a button to start it."""
+        return await self._plan_or_create(request, start=False)
 
     async def prewarm_create(self, request: web.Request) -> web.Response:
+        return await self._plan_or_create(request, start=True)
+
+    async def _plan_or_create(self, request: web.Request, start: bool) -> web.Response:
         s, form, spec = await self._spec(request)
-        ctx = await self._prewarm_context()
         if isinstance(spec, str):
-            return self._render("prewarm.html", s, 400, form=form, error=spec, **ctx)
+            return self._render("prewarm.html", s, 400, form=form, error=spec, **await self._prewarm_context())
         try:
-            await self.service.prewarm.create(spec)
+            _, plan = await self.service.prewarm.create(spec, dry_run=not start)
         except TaskRefused as e:
             return self._render("prewarm.html", s, 422, form=form, error=f"refused: {e}", plan=e.plan,
                                 **await self._prewarm_context())  # fmt: skip
-        return _redirect("/ui/prewarm")
+        if start:
+            return _redirect("/ui/prewarm")
+        return self._render("prewarm.html", s, form=form, plan=plan, confirm=True, **await self._prewarm_context())
 
     async def prewarm_cancel(self, request: web.Request) -> web.Response:
         await self._form(request)
